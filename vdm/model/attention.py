@@ -1,0 +1,160 @@
+"""Space-time factored attention for the Unet3D; every softmax attention goes through SDPA.
+
+All modules take and return the internal layout `(b f) c h w` (channels-last memory) and are
+pre-norm residual blocks: `x + attn(norm(x))`. Frames mix only in `TemporalAttention`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """`n c h w -> n h w c`; a view in channels-last memory, so projections need no copy."""
+    return rearrange(x, "n c h w -> n h w c")
+
+
+def _from_tokens(x: torch.Tensor) -> torch.Tensor:
+    """`n h w c -> n c h w`; a view that yields a channels-last NCHW tensor."""
+    return rearrange(x, "n h w c -> n c h w")
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias over signed frame distance, T5-style log buckets: `-> (h, f, f)`."""
+
+    def __init__(self, heads: int = 8, num_buckets: int = 32, max_distance: int = 32):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    def _bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        # Half the buckets per direction; near distances exact, far ones log-spaced, so any frame
+        # count works and long clips share the farthest buckets.
+        half = self.num_buckets // 2
+        ret = (rel > 0).long() * half
+        n = rel.abs()
+        max_exact = half // 2
+        far = max_exact + (
+            torch.log(n.float().clamp(min=1) / max_exact)
+            / math.log(self.max_distance / max_exact) * (half - max_exact)
+        ).long()
+        far = far.clamp(max=half - 1)
+        return ret + torch.where(n < max_exact, n, far)
+
+    def forward(self, frames: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(frames, device=device)
+        rel = rearrange(pos, "j -> 1 j") - rearrange(pos, "i -> i 1")
+        return rearrange(self.relative_attention_bias(self._bucket(rel)), "i j h -> h i j")
+
+
+class _PreNormAttention(nn.Module):
+    """Shared pieces: channel LayerNorm (gain only), q/k/v projection, output projection."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, out_bias: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        hidden = heads * dim_head
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.to_qkv = nn.Linear(dim, hidden * 3, bias=False)
+        self.to_out = nn.Linear(hidden, dim, bias=out_bias)
+
+    def _normed_qkv(self, x: torch.Tensor):
+        """x `(n c h w)` -> q, k, v each `n h w (heads d)`, computed in the channels-last layout."""
+        t = _to_tokens(x)
+        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+        return self.to_qkv(t).chunk(3, dim=-1)
+
+
+class TemporalAttention(_PreNormAttention):
+    """Attention across frames at each spatial position, with a relative position bias.
+
+    `focus_present_mask` (b,) bool: those samples attend only to their own frame, which makes the
+    attention output exactly the value of that frame; images and videos can then train jointly.
+    """
+
+    def forward(self, x, frames: int, pos_bias=None, focus_present_mask=None):
+        q, k, v = self._normed_qkv(x)
+        b = x.shape[0] // frames
+        if focus_present_mask is not None and bool(focus_present_mask.all()):
+            # Softmax over a single key is 1: skip the attention altogether.
+            out = v
+        else:
+            # Frames become the sequence axis; einops gives strided views, SDPA reads them as is.
+            q, k, v_seq = (rearrange(t, "(b f) h w (n d) -> b (h w) n f d", f=frames, n=self.heads)
+                           for t in (q, k, v))
+            bias = None if pos_bias is None else pos_bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v_seq, attn_mask=bias)
+            out = rearrange(out, "b (h w) n f d -> (b f) h w (n d)", h=x.shape[-2])
+            if focus_present_mask is not None and bool(focus_present_mask.any()):
+                keep = rearrange(focus_present_mask, "b -> b 1 1 1 1")
+                out = rearrange(out, "(b f) h w c -> b f h w c", b=b)
+                out = torch.where(keep, rearrange(v, "(b f) h w c -> b f h w c", b=b), out)
+                out = rearrange(out, "b f h w c -> (b f) h w c")
+        return x + _from_tokens(self.to_out(out))
+
+
+class SpatialAttention(_PreNormAttention):
+    """Full softmax attention among the positions of each frame (used at the lowest resolution)."""
+
+    def forward(self, x):
+        q, k, v = (rearrange(t, "n h w (m d) -> n m (h w) d", m=self.heads)
+                   for t in self._normed_qkv(x))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "n m (h w) d -> n h w (m d)", h=x.shape[-2])
+        return x + _from_tokens(self.to_out(out))
+
+
+class SpatialLinearAttention(_PreNormAttention):
+    """Linear (softmax-kernel) attention within each frame: cost linear in h*w.
+
+    The reference's `use_sparse_linear_attn` block. It has no attention matrix, so it is the one
+    attention not expressed through SDPA.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 32):
+        super().__init__(dim, heads, dim_head, out_bias=True)
+
+    def forward(self, x):
+        q, k, v = (rearrange(t, "n h w (m d) -> n (h w) m d", m=self.heads)
+                   for t in self._normed_qkv(x))
+        # Both softmaxes in fp32: the one over h*w positions sums thousands of terms.
+        dtype = q.dtype
+        q = q.softmax(dim=-1, dtype=torch.float32).to(dtype) * self.dim_head ** -0.5
+        k = k.softmax(dim=1, dtype=torch.float32).to(dtype)
+        context = torch.einsum("nsmd,nsme->nmde", k, v)
+        out = torch.einsum("nmde,nsmd->nsme", context, q)
+        out = rearrange(out, "n (h w) m e -> n h w (m e)", h=x.shape[-2])
+        return x + _from_tokens(self.to_out(out))
+
+
+class CrossAttention(nn.Module):
+    """Video features (all frames and positions of a sample) attend to that sample's text tokens.
+
+    context: `(b, L, context_dim)`; context_mask: `(b, L)` bool, True = real token. Padding keys
+    are excluded through SDPA's boolean mask, so their values cannot reach the output.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, dim_head: int = 32):
+        super().__init__()
+        self.heads = heads
+        hidden = heads * dim_head
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.to_q = nn.Linear(dim, hidden, bias=False)
+        self.to_kv = nn.Linear(context_dim, hidden * 2, bias=False)
+        self.to_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, frames: int, context, context_mask=None):
+        t = _to_tokens(x)
+        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+        q = rearrange(self.to_q(t), "(b f) h w (m d) -> b m (f h w) d", f=frames, m=self.heads)
+        k, v = (rearrange(c, "b l (m d) -> b m l d", m=self.heads)
+                for c in self.to_kv(context.to(q.dtype)).chunk(2, dim=-1))
+        mask = None if context_mask is None else rearrange(context_mask, "b l -> b 1 1 l")
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = rearrange(out, "b m (f h w) d -> (b f) h w (m d)", f=frames, h=x.shape[-2])
+        return x + _from_tokens(self.to_out(out))

@@ -1,0 +1,99 @@
+"""Convolutional building blocks of the Unet3D: time embedding, ResNet blocks, resampling.
+
+Inside the network a video is held as `(b f) c h w`: frames folded into the batch, in
+channels-last memory. Every layer here is spatial only (pseudo-3D, 1 x k x k), so folding the
+frames costs nothing and keeps each frame independent; only the temporal attention mixes frames.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Sinusoidal embedding of diffusion timesteps, `(b,) -> (b, dim)`, always in fp32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
+        self.dim = dim
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        # Timesteps up to 1000 times frequencies near 1 lose all phase precision in bf16, so this
+        # runs in fp32 even under autocast.
+        half = self.dim // 2
+        with torch.autocast(device_type=time.device.type, enabled=False):
+            scale = math.log(10000) / (half - 1)
+            freqs = torch.exp(torch.arange(half, device=time.device, dtype=torch.float32) * -scale)
+            args = rearrange(time.float(), "b -> b 1") * rearrange(freqs, "d -> 1 d")
+            return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a `(n, c, h, w)` tensor, gain only (as in the reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In channels-last memory 'n c h w -> n h w c' is a view, so this is one pass, no copies.
+        x = rearrange(x, "n c h w -> n h w c")
+        x = F.layer_norm(x, x.shape[-1:], self.gamma.to(x.dtype), None, self.eps)
+        return rearrange(x, "n h w c -> n c h w")
+
+
+class Block(nn.Module):
+    """Spatial 3x3 conv -> GroupNorm (per frame) -> optional scale-shift -> SiLU."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+        super().__init__()
+        if dim_out % groups:
+            raise ValueError(f"resnet_groups={groups} must divide the block width {dim_out}")
+        self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = torch.addcmul(shift, x, scale + 1)
+        return F.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    """Two `Block`s with a residual; the conditioning vector sets a per-channel scale and shift."""
+
+    def __init__(self, dim: int, dim_out: int, *, emb_dim: int | None = None, groups: int = 8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2)) if emb_dim else None
+        self.block1 = Block(dim, dim_out, groups=groups)
+        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x: `(b f) c h w`; emb: `(b f) emb_dim` (the sample's conditioning repeated per frame)."""
+        scale_shift = None
+        if self.mlp is not None:
+            if emb is None:
+                raise ValueError("this ResnetBlock was built with emb_dim and needs an embedding")
+            emb = rearrange(self.mlp(emb), "n c -> n c 1 1")
+            scale_shift = emb.chunk(2, dim=1)
+        h = self.block1(x, scale_shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+def Downsample(dim: int) -> nn.Module:
+    """Halve height and width, frames untouched (strided 4x4 conv, as in the reference)."""
+    return nn.Conv2d(dim, dim, 4, stride=2, padding=1)
+
+
+def Upsample(dim: int) -> nn.Module:
+    """Double height and width, frames untouched (transposed 4x4 conv, as in the reference)."""
+    return nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
