@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (install, then the whole pipeline on generated data)
+# and `make test` (install, then the test suite). Everything goes into a virtualenv in .venv/.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU machines: the CPU build of torch, installed first so no CUDA build is pulled in. GPU machines:
+# make TORCH_SPEC=torch (or any build you need).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	bash launch/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo_out runs .pytest_cache

@@ -1,0 +1,116 @@
+"""DeepSpeed: the engine's JSON config generated from the `train` section, and initialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vdm.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is; read once from the launcher's environment, passed everywhere else."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ) -> "DistInfo":
+        return cls(rank=int(environ.get("RANK", 0)), local_rank=int(environ.get("LOCAL_RANK", 0)),
+                   world_size=int(environ.get("WORLD_SIZE", 1)))
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for `train`; keys of `train.deepspeed_config` (a JSON file) override."""
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas),
+                                                   "weight_decay": train.weight_decay, "eps": 1e-8}},
+        "bf16": {"enabled": train.precision == "bf16"},
+        # Dynamic loss scale; DeepSpeed skips overflowing steps and we count them (engine.skipped_steps).
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": False,
+                              "contiguous_gradients": True},
+        "steps_per_print": 10**9,  # our own logger reports progress
+        "wall_clock_breakdown": False,
+    }
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.deepspeed_config: {path} does not exist")
+        _merge(config, json.loads(path.read_text()))
+    return config
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warmup then cosine decay to `min_lr_ratio` (or constant), as a LambdaLR factor."""
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def initialize(module: torch.nn.Module, train: TrainConfig, world_size: int):
+    """Wrap `module` in a DeepSpeed engine with AdamW and our LR schedule; returns the engine."""
+    import deepspeed
+
+    config = deepspeed_config(train, world_size)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=config,
+                                           lr_scheduler=scheduler)
+    return engine
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU), chosen by DeepSpeed's accelerator."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a small tensor over all ranks (used for logging and for agreeing on skipping a step)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
