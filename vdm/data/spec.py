@@ -1,0 +1,158 @@
+"""Shard specs as users write them -> lists of shard URLs with their sample counts.
+
+A spec is a vdm-shard directory (or its ``manifest.json``), a brace pattern or glob of tar files,
+a URL, or a ``pipe:`` command (braces expand inside it too). Per-shard counts come from the
+``manifest.json`` beside the shards; for ``pipe:`` commands, from the manifest beside any local
+path the command names (``pipe:cat data/train-000001.tar``). Remote sources without a local
+manifest resolve with unknown counts, which only the resampled mode can stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+
+from vdm.data.format import MANIFEST_NAME, Manifest, read_manifest
+
+RAW_MEDIA = (".gif", ".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v")
+_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "file:")
+
+
+@dataclass
+class Shard:
+    """One tar shard: where to read it and how many samples it holds (None: unknown)."""
+
+    url: str
+    samples: int | None
+
+
+@dataclass
+class ShardSet:
+    """The shards of one dataset spec, with the manifest that describes them (if one was found)."""
+
+    spec: str
+    shards: list[Shard]
+    manifest: Manifest | None = None
+    manifest_dir: str | None = field(default=None, repr=False)
+
+    @property
+    def total_samples(self) -> int | None:
+        counts = [s.samples for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+
+def _raw_media_error(root: Path) -> ValueError | None:
+    """A ValueError naming the vdm-shard command when ``root`` holds GIFs/videos and no shards."""
+    media = [p for p in root.rglob("*") if p.suffix.lower() in RAW_MEDIA]
+    if not media:
+        return None
+    return ValueError(f"{root} looks like raw videos ({len(media)} GIF/video files, no .tar shards); make shards "
+                      f"first: vdm-shard {root} {root}_shards")
+
+
+def _from_directory(root: Path, spec: str) -> ShardSet:
+    if (root / MANIFEST_NAME).is_file():
+        manifest = read_manifest(root)
+        if not manifest.shards:
+            raise ValueError(f"{root / MANIFEST_NAME} lists no shards: the dataset is empty")
+        shards = [Shard(str(root / s["name"]), int(s["samples"])) for s in manifest.shards]
+        missing = [s.url for s in shards if not os.path.isfile(s.url)]
+        if missing:
+            raise ValueError(f"{root / MANIFEST_NAME} lists {len(missing)} shard(s) that do not exist, "
+                             f"e.g. {missing[0]}: was vdm-shard interrupted?")
+        return ShardSet(spec, shards, manifest, str(root))
+    tars = sorted(root.glob("*.tar"))
+    if tars:
+        return ShardSet(spec, [Shard(str(t), None) for t in tars])
+    raise _raw_media_error(root) or ValueError(f"shard spec {spec!r}: directory {root} has no {MANIFEST_NAME} and "
+                                               f"no .tar shards")
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file:"):
+        return re.sub(r"^file://?", "", url)
+    return None if url.startswith(_SCHEMES) else url
+
+
+def _expand(spec: str) -> list[str]:
+    urls = []
+    for part in spec.split("::"):
+        for url in braceexpand.braceexpand(part):
+            local = _local_path(url)
+            if local is not None and any(c in local for c in "*?[") and not url.startswith("pipe:"):
+                urls.extend(sorted(glob.glob(local)))
+            else:
+                urls.append(url)
+    return urls
+
+
+def _manifest_near(paths: list[str], cache: dict) -> tuple[Manifest | None, str | None]:
+    """The manifest beside the first of ``paths`` that has one."""
+    for path in paths:
+        root = str(Path(path).parent)
+        if root not in cache:
+            cache[root] = read_manifest(root) if (Path(root) / MANIFEST_NAME).is_file() else None
+        if cache[root] is not None:
+            return cache[root], root
+    return None, None
+
+
+def _local_tokens(url: str) -> list[str]:
+    """Local files a URL reads: the path itself, or the existing paths named in a pipe: command."""
+    if url.startswith("pipe:"):
+        try:
+            tokens = shlex.split(url[5:])
+        except ValueError:
+            tokens = url[5:].split()
+        return [t for t in tokens if os.path.isfile(t)]
+    local = _local_path(url)
+    return [local] if local is not None else []
+
+
+def _from_pattern(spec: str) -> ShardSet:
+    urls = _expand(spec)
+    locals_ = {u: _local_path(u) for u in urls if not u.startswith("pipe:")}
+    missing = [u for u, p in locals_.items() if p is not None and not os.path.isfile(p)]
+    if not urls or (missing and len(missing) == len(urls)):
+        parent = Path(_local_path(spec.split("::")[0]) or ".").parent
+        raw = _raw_media_error(parent) if parent.is_dir() and not list(parent.glob("*.tar")) else None
+        raise raw or ValueError(f"shard spec {spec!r} matches nothing (first expansion: {urls[:1] or 'none'})")
+    if missing:
+        raise ValueError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    cache: dict = {}
+    shards, manifest, root = [], None, None
+    for url in urls:
+        found, where = _manifest_near(_local_tokens(url), cache)
+        manifest, root = (found, where) if manifest is None else (manifest, root)
+        counts = {s["name"]: int(s["samples"]) for s in found.shards} if found else {}
+        names = [os.path.basename(t) for t in _local_tokens(url)] or [os.path.basename(url.split()[-1])]
+        shards.append(Shard(url, next((counts[n] for n in names if n in counts), None)))
+    return ShardSet(spec, shards, manifest, root)
+
+
+def resolve_shards(spec) -> list[ShardSet]:
+    """Resolve ``DataConfig.shards`` (a spec or a list of specs, one dataset each) into shard sets.
+
+    Raises ValueError with what was wrong when a spec matches nothing or names raw videos.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [spec]
+    if not spec or any(not str(s).strip() for s in spec):
+        raise ValueError(f"data.shards: empty shard spec {spec!r}; give a vdm-shard directory, a brace pattern "
+                         f"such as data/train-{{000000..000009}}.tar, a list, or pipe: commands")
+    sets = []
+    for item in map(str, spec):
+        path = Path(item)
+        if not item.startswith(_SCHEMES) and path.is_dir():
+            sets.append(_from_directory(path, item))
+        elif path.name == MANIFEST_NAME and path.is_file():
+            sets.append(_from_directory(path.parent, item))
+        else:
+            sets.append(_from_pattern(item))
+    return sets
