@@ -171,6 +171,11 @@ def _coerce(key: str, value, hint):
         inner = args[0] if args else typing.Any
         items = [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -189,7 +194,7 @@ def _build(cls, data: dict, prefix: str):
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint} (keys of {prefix.rstrip('.') or 'the config'}: "
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint} (keys of {prefix.rstrip('.') or 'the config'}: "
                               f"{', '.join(names)})")
     values = {}
     for name in names:
