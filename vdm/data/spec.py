@@ -10,6 +10,7 @@ manifest resolve with unknown counts, which only the resampled mode can stream.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import shlex
@@ -47,9 +48,10 @@ class ShardSet:
         return None if any(c is None for c in counts) else sum(counts)
 
 
-def _raw_media_error(root: Path) -> ValueError | None:
+def _raw_media_error(root: Path, recursive: bool = True) -> ValueError | None:
     """A ValueError naming the vdm-shard command when ``root`` holds GIFs/videos and no shards."""
-    media = [p for p in root.rglob("*") if p.suffix.lower() in RAW_MEDIA]
+    files = itertools.islice(root.rglob("*") if recursive else root.iterdir(), 100_000)
+    media = [p for p in files if p.suffix.lower() in RAW_MEDIA]
     if not media:
         return None
     return ValueError(f"{root} looks like raw videos ({len(media)} GIF/video files, no .tar shards); make shards "
@@ -121,7 +123,7 @@ def _from_pattern(spec: str) -> ShardSet:
     missing = [u for u, p in locals_.items() if p is not None and not os.path.isfile(p)]
     if not urls or (missing and len(missing) == len(urls)):
         parent = Path(_local_path(spec.split("::")[0]) or ".").parent
-        raw = _raw_media_error(parent) if parent.is_dir() and not list(parent.glob("*.tar")) else None
+        raw = _raw_media_error(parent, recursive=False) if parent.is_dir() and not list(parent.glob("*.tar")) else None
         raise raw or ValueError(f"shard spec {spec!r} matches nothing (first expansion: {urls[:1] or 'none'})")
     if missing:
         raise ValueError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")

@@ -149,7 +149,8 @@ def _epoch_plan(shards: list[Shard], seed: int, epoch: int, lo: int, hi: int) ->
 class _SlotStream(IterableDataset):
     """The samples of one rank's worker (a slot), decoded and batched inside the worker."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int, skip: list[int]):
+    def __init__(self, loader: "ShardLoader", epoch: int, skip: list[int], rotate: int = 0):
+        self.rotate = rotate  # DataLoader worker 0 plays slot `rotate`, so a resume continues the round robin
         self.shards, self.probs = loader._shards, loader._probs
         self.mode, self.seed, self.epoch, self.skip = loader.mode, loader.seed, epoch, skip
         self.rank, self.slots_per_rank, self.quota = loader.rank, loader.slots_per_rank, loader._quota
@@ -175,7 +176,7 @@ class _SlotStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = (info.id + self.rotate) % info.num_workers if info is not None else 0
         counts: Counter = Counter()
         rng = random.Random(_mix_seed(self.seed, self.mode, self.epoch, self.rank, worker))
         raw = self._epoch_samples(worker, counts) if self.mode == "epoch" else self._resampled_samples(rng, counts)
@@ -198,7 +199,8 @@ class _SlotStream(IterableDataset):
             if len(pending) == self.batch_size:
                 counts["samples"] += len(pending)
                 yield _Packet(self._collate(pending), worker, pos, dict(counts))
-                pending, counts = [], Counter()
+                pending = []
+                counts.clear()  # in place: the shard reader holds this Counter too
         counts["dropped_partial"] += len(pending)  # only short when bad samples thinned this slot
         yield _Packet(None, worker, pos, dict(counts))
 
@@ -312,8 +314,8 @@ class ShardLoader:
                 "bad_shards": c["bad_shards"], "padded_batches": c["padded_batches"],
                 "dropped_partial": c["dropped_partial"], "epoch": self.epoch, "step": self.step}
 
-    def _batches(self, epoch: int, skip: list[int]):
-        dataset = _SlotStream(self, epoch, skip)
+    def _batches(self, epoch: int, skip: list[int], rotate: int = 0):
+        dataset = _SlotStream(self, epoch, skip, rotate)
         extra = {"prefetch_factor": 2} if self.num_workers else {}
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             **extra)
@@ -328,7 +330,7 @@ class ShardLoader:
             if self.step >= self.steps_per_epoch:
                 self.epoch, self.step, self._positions = self.epoch + 1, 0, [0] * self.slots_per_rank
             last = None
-            for batch in self._batches(self.epoch, list(self._positions)):
+            for batch in self._batches(self.epoch, list(self._positions), self.step % self.slots_per_rank):
                 self.step += 1
                 last = batch
                 yield batch
