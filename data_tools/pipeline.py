@@ -114,9 +114,12 @@ def _split_root(cfg: ShardConfig, split: str) -> Path:
 
 
 def _content_options(cfg: ShardConfig, conditional: bool) -> dict:
-    """The options that decide shard bytes (recorded in the manifest and hashed into the done markers)."""
+    """The options that decide shard bytes (recorded in the manifest and hashed into the done markers).
+
+    The text batch size is one of them: padding changes BERT's float rounding in the last bits.
+    """
     return {"decode": asdict(cfg.decode), "encoder": cfg.encoder if conditional else None,
-            "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "shuffle_seed": cfg.shuffle_seed,
+            "max_tokens": cfg.max_tokens, "text_batch_size": cfg.text_batch_size, "shard_size": cfg.shard_size, "shuffle_seed": cfg.shuffle_seed,
             "val_fraction": cfg.val_fraction, "allow_empty_captions": cfg.allow_empty_captions}
 
 
@@ -147,11 +150,11 @@ def _resolve_device(device: str) -> str:
 class _Captions:
     """Encodes a shard's captions: each distinct caption once, in batches sorted by length (less padding)."""
 
-    def __init__(self, cfg: ShardConfig):
+    def __init__(self, cfg: ShardConfig, encoder=None):
         from vdm.text import TextEncoder
 
-        self.encoder = TextEncoder(cfg.encoder, max_tokens=cfg.max_tokens, device=_resolve_device(cfg.device),
-                                   batch_size=cfg.text_batch_size)
+        self.encoder = encoder or TextEncoder(cfg.encoder, max_tokens=cfg.max_tokens,
+                                              device=_resolve_device(cfg.device), batch_size=cfg.text_batch_size)
         self.dim = self.encoder.dim
 
     def encode(self, captions: list[str]) -> dict:
@@ -200,8 +203,11 @@ def _caption_filter(items: list[Item], cfg: ShardConfig, skipped: list[dict]) ->
     return kept, True
 
 
-def run(cfg: ShardConfig) -> Summary:
-    """Shard ``cfg.input_dir`` into ``cfg.output_dir``; resumes unless ``overwrite``. Raises if the input is missing."""
+def run(cfg: ShardConfig, text_encoder=None) -> Summary:
+    """Shard ``cfg.input_dir`` into ``cfg.output_dir``; resumes unless ``overwrite``. Raises if the input is missing.
+
+    ``text_encoder``: an already loaded ``vdm.text.TextEncoder`` for ``cfg.encoder`` (tests and benchmarks share one).
+    """
     if not cfg.input_dir.is_dir():
         raise FileNotFoundError(f"input directory {cfg.input_dir} does not exist (or is not a directory)")
     found = discover(cfg.input_dir, exclude=cfg.output_dir)
@@ -226,7 +232,7 @@ def run(cfg: ShardConfig) -> Summary:
     summary.resumed_shards = len(done)
     if done:
         log.info("resuming: %d finished shard(s) kept, %d to write", len(done), len(pending))
-    captions = _Captions(cfg) if conditional and pending else None
+    captions = _Captions(cfg, text_encoder) if conditional and pending else None
     encoder_dim = captions.dim if captions else next((s.get("encoder_dim") for s in done.values()), None)
     _run_pending(pending, cfg, captions, done, plan_hash, summary)
     for split, shards in plan.items():
