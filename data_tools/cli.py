@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--shard-size", type=int, default=64, help="samples per shard (target)")
     o.add_argument("--workers", type=int, default=2, help="decode processes (0: decode in the main process)")
+    o.add_argument("--decode-timeout", type=float, default=300.0,
+                   help="seconds one input may take to decode before it is skipped (with --workers > 0)")
     o.add_argument("--shuffle-seed", type=int, default=None, help="shuffle inputs before sharding")
     o.add_argument("--val-fraction", type=float, default=0.0, help="fraction of inputs for OUT/val")
     o.add_argument("--split", default="train", help="name of the main split (shard name prefix)")
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                                short_policy=args.short_policy, resize_mode=args.resize_mode,
                                min_source_frames=args.min_source_frames, max_pixels=args.max_pixels)
         cfg = ShardConfig(input_dir=Path(args.input_dir), output_dir=Path(args.output_dir), decode=decode,
-                          shard_size=args.shard_size, workers=args.workers, encoder=args.encoder,
+                          shard_size=args.shard_size, workers=args.workers, decode_timeout=args.decode_timeout,
+                          encoder=args.encoder,
                           no_text=args.no_text, allow_empty_captions=args.allow_empty_captions,
                           text_batch_size=args.text_batch_size, max_tokens=args.max_tokens, device=args.device,
                           shuffle_seed=args.shuffle_seed, val_fraction=args.val_fraction, split=args.split,

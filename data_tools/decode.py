@@ -98,22 +98,32 @@ class _GifReader:
     """Pillow reader: header size and frame count without decoding pixels."""
 
     def __init__(self, src, opts: DecodeOptions):
-        Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow then refuses bombs in open() itself
+        # Our own size check runs on the header; Pillow's bomb guard (it errors above 2x its limit)
+        # then stays on for later frames, which GIF allows to grow the canvas.
+        Image.MAX_IMAGE_PIXELS = None
         try:
             self.im = Image.open(src)
-            _check_pixels(self.im.size, opts)
+            try:
+                _check_pixels(self.im.size, opts)
+            except SkipInput:
+                self.im.close()
+                raise
+            Image.MAX_IMAGE_PIXELS = opts.max_pixels // 2
             self.im.load()
-        except Image.DecompressionBombError as err:
-            raise SkipInput(f"refused: frame size over --max-pixels {opts.max_pixels} ({err})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
+        except Image.DecompressionBombError:
+            raise SkipInput(f"refused: a frame is over --max-pixels {opts.max_pixels}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
             raise SkipInput(f"not a readable image ({type(err).__name__}: {err})") from None
         self.size = self.im.size
         try:
             self.n = min(getattr(self.im, "n_frames", 1), opts.max_source_frames)
-        except (OSError, EOFError, ValueError) as err:
-            raise SkipInput(f"truncated or corrupt GIF ({type(err).__name__}: {err})") from None
+        except (OSError, EOFError, ValueError, IndexError) as err:
+            raise SkipInput(f"truncated or corrupt GIF ({type(err).__name__}: {err or 'ends early'})") from None
         duration = self.im.info.get("duration") or 100  # GIF players treat 0 as 100 ms
         self.fps = 1000.0 / duration
+
+    def close(self) -> None:
+        self.im.close()
 
     def frames(self) -> Iterator[Image.Image]:
         for i in range(self.n):
@@ -132,6 +142,8 @@ class _VideoReader:
             self.container = av.open(src)
             stream = self.container.streams.video[0]
         except (av.error.FFmpegError, IndexError, OSError, ValueError, UnicodeDecodeError) as err:
+            if getattr(self, "container", None) is not None:
+                self.container.close()
             raise SkipInput(f"not a readable video ({type(err).__name__}: {err})") from None
         self.size = (stream.codec_context.width, stream.codec_context.height)
         _check_pixels(self.size, opts)
@@ -145,6 +157,9 @@ class _VideoReader:
                 raise SkipInput(f"corrupt video stream ({type(err).__name__}: {err})") from None
         self.n = min(self.n, opts.max_source_frames)
         self.stream = stream
+
+    def close(self) -> None:
+        self.container.close()
 
     def frames(self) -> Iterator[Image.Image]:
         import av
@@ -178,25 +193,14 @@ def load_clips(item: Item, opts: DecodeOptions) -> tuple[list[tuple[np.ndarray, 
     """Decode one input into ``[(frames uint8 (F, H, W, 3), meta), ...]`` and timings; SkipInput on bad input."""
     t0 = time.perf_counter()
     reader = _open(item, opts)
-    if reader.n < opts.min_source_frames:
-        raise SkipInput(f"only {reader.n} frame(s), fewer than --min-source-frames {opts.min_source_frames}")
-    clips = select_clips(reader.n, reader.fps, opts)
-    wanted = {i for clip in clips for i in clip}
-    picked: dict[int, np.ndarray] = {}
-    resize_s = 0.0
-    decoded = 0
     try:
-        for i, img in enumerate(reader.frames()):
-            decoded = i + 1
-            if i in wanted:
-                t = time.perf_counter()
-                picked[i] = resize_frame(img, opts.height, opts.width, opts.resize_mode)
-                resize_s += time.perf_counter() - t
-            if len(picked) == len(wanted):
-                break
-    except (OSError, EOFError, ValueError) as err:
-        raise SkipInput(f"decode error after {decoded} frames ({type(err).__name__}: {err})") from None
-    if len(picked) < len(wanted):
+        if reader.n < opts.min_source_frames:
+            raise SkipInput(f"only {reader.n} frame(s), fewer than --min-source-frames {opts.min_source_frames}")
+        clips = select_clips(reader.n, reader.fps, opts)
+        picked, decoded, resize_s = _pick_frames(reader, {i for clip in clips for i in clip}, opts)
+    finally:
+        reader.close()
+    if len(picked) < len({i for clip in clips for i in clip}):
         # The header promised more frames than the file holds (e.g. truncated): choose again from what exists.
         if decoded < opts.min_source_frames:
             raise SkipInput(f"only {decoded} decodable frame(s) of {reader.n} in the header")
@@ -208,6 +212,26 @@ def load_clips(item: Item, opts: DecodeOptions) -> tuple[list[tuple[np.ndarray, 
         out.append((np.stack([picked[i] for i in clip]), meta))
     total = time.perf_counter() - t0
     return out, {"decode_s": total - resize_s, "resize_s": resize_s}
+
+
+def _pick_frames(reader, wanted: set[int], opts: DecodeOptions) -> tuple[dict[int, np.ndarray], int, float]:
+    """Decode in order, keeping only the wanted frames (resized at once, so long videos stay small in memory)."""
+    picked: dict[int, np.ndarray] = {}
+    resize_s, decoded = 0.0, 0
+    try:
+        for i, img in enumerate(reader.frames()):
+            decoded = i + 1
+            if i in wanted:
+                t = time.perf_counter()
+                picked[i] = resize_frame(img, opts.height, opts.width, opts.resize_mode)
+                resize_s += time.perf_counter() - t
+            if len(picked) == len(wanted):
+                break
+    except Image.DecompressionBombError:
+        raise SkipInput(f"refused: a frame is over --max-pixels {opts.max_pixels}") from None
+    except (OSError, EOFError, ValueError, IndexError) as err:
+        raise SkipInput(f"decode error after {decoded} frames ({type(err).__name__}: {err})") from None
+    return picked, decoded, resize_s
 
 
 def load_clips_from_count(item: Item, opts: DecodeOptions, n: int) -> tuple[list[tuple[np.ndarray, dict]], dict]:

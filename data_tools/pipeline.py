@@ -13,7 +13,7 @@ import multiprocessing
 import random
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class ShardConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     shard_size: int = 64  # samples per shard, a target: skipped inputs make shards smaller
     workers: int = 2  # decode processes; 0 decodes in this process
+    decode_timeout: float = 300.0  # seconds one input may take in a worker (no limit when workers == 0)
     encoder: str = "packaged:minilm"
     no_text: bool = False
     allow_empty_captions: bool = False
@@ -137,6 +138,22 @@ def _decode_one(task: tuple[Item, DecodeOptions]):
         return None, str(err), {}
     except Exception as err:  # a decoder bug on one odd file must not end a long run
         return None, f"unexpected error ({type(err).__name__}: {err})", {}
+
+
+def _bounded(pool, tasks: list, ahead: int, timeout: float):
+    """Results of ``tasks`` in order, at most ``ahead`` in flight; an input stuck past ``timeout`` s is skipped."""
+    window: deque = deque()
+    feed = iter(tasks)
+    while True:
+        while len(window) < ahead and (task := next(feed, None)) is not None:
+            window.append(pool.apply_async(_decode_one, (task,)))
+        if not window:
+            return
+        try:
+            yield window.popleft().get(timeout=timeout)
+        except multiprocessing.TimeoutError:
+            # The worker stays busy with it until the pool is torn down; the run goes on with the others.
+            yield None, f"decode timed out after {timeout:g}s (--decode-timeout)", {}
 
 
 def _resolve_device(device: str) -> str:
@@ -273,7 +290,9 @@ def _run_pending(pending: list[_Shard], cfg: ShardConfig, captions: _Captions | 
     if cfg.workers > 0:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         pool = multiprocessing.get_context(method).Pool(cfg.workers, initializer=_init_worker)
-        results = pool.imap(_decode_one, tasks, chunksize=1)
+        # Look ahead about two shards so workers decode the next shard while BERT encodes this one,
+        # without holding the whole dataset's clips in memory.
+        results = _bounded(pool, tasks, max(8 * cfg.workers, 2 * len(pending[0].items)), cfg.decode_timeout)
     else:
         _init_worker()
         results = map(_decode_one, tasks)
