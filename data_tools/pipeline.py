@@ -11,6 +11,7 @@ import hashlib
 import logging
 import multiprocessing
 import random
+import re
 import time
 import warnings
 from collections import Counter, deque
@@ -56,6 +57,9 @@ class ShardConfig:
                              f"{self.shard_size}, {self.text_batch_size}, {self.workers}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.split) or self.split == "val":
+            raise ValueError(f"split must be letters, digits or _ and not 'val' (the validation split), "
+                             f"got {self.split!r}")
 
 
 @dataclass
@@ -246,6 +250,10 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
                 done[split, shard.index] = stats
             else:
                 pending.append(shard)
+    if cfg.overwrite and "val" not in plan:
+        clean_output(cfg.output_dir / "val", "val", set(), everything=True)  # from an earlier run with a val split
+        if (cfg.output_dir / "val").is_dir() and not any((cfg.output_dir / "val").iterdir()):
+            (cfg.output_dir / "val").rmdir()
     summary.resumed_shards = len(done)
     if done:
         log.info("resuming: %d finished shard(s) kept, %d to write", len(done), len(pending))
