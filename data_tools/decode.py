@@ -156,6 +156,8 @@ class _VideoReader:
             except av.error.FFmpegError as err:
                 raise SkipInput(f"corrupt video stream ({type(err).__name__}: {err})") from None
         self.n = min(self.n, opts.max_source_frames)
+        # One decoder thread: parallelism comes from worker processes, each busy with its own file.
+        stream.codec_context.thread_count = 1
         self.stream = stream
 
     def close(self) -> None:

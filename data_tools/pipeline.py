@@ -7,9 +7,11 @@ and redoes the rest. The manifest of each split is written last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
+import os
 import random
 import re
 import time
@@ -160,6 +162,22 @@ def _bounded(pool, tasks: list, ahead: int, timeout: float):
             yield None, f"decode timed out after {timeout:g}s (--decode-timeout)", {}
 
 
+@contextlib.contextmanager
+def _cpu_threads_left_for_bert(cfg: ShardConfig, captions: _Captions | None):
+    """On CPU, give BERT the cores the decode workers leave: oversubscribed torch threads run several times slower."""
+    if captions is None or captions.encoder.device.type != "cpu" or cfg.workers == 0:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -259,7 +277,8 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
         log.info("resuming: %d finished shard(s) kept, %d to write", len(done), len(pending))
     captions = _Captions(cfg, text_encoder) if conditional and pending else None
     encoder_dim = captions.dim if captions else next((s.get("encoder_dim") for s in done.values()), None)
-    _run_pending(pending, cfg, captions, done, plan_hash, summary)
+    with _cpu_threads_left_for_bert(cfg, captions):
+        _run_pending(pending, cfg, captions, done, plan_hash, summary)
     for split, shards in plan.items():
         stats = [done[split, s.index] for s in shards]
         root = _split_root(cfg, split)
