@@ -78,24 +78,29 @@ class TemporalAttention(_PreNormAttention):
     """
 
     def forward(self, x, frames: int, pos_bias=None, focus_present_mask=None):
-        q, k, v = self._normed_qkv(x)
-        b = x.shape[0] // frames
+        b, hidden = x.shape[0] // frames, self.heads * self.dim_head
         if focus_present_mask is not None and bool(focus_present_mask.all()):
-            # Softmax over a single key is 1: skip the attention altogether.
-            out = v
-        else:
-            # Frames become the sequence axis; einops gives strided views, SDPA reads them as is.
-            q, k, v_seq = (rearrange(t, "(b f) h w (n d) -> b (h w) n f d", f=frames, n=self.heads)
-                           for t in (q, k, v))
-            bias = None if pos_bias is None else pos_bias.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v_seq, attn_mask=bias)
-            out = rearrange(out, "b (h w) n f d -> (b f) h w (n d)", h=x.shape[-2])
-            if focus_present_mask is not None and bool(focus_present_mask.any()):
-                keep = rearrange(focus_present_mask, "b -> b 1 1 1 1")
-                out = rearrange(out, "(b f) h w c -> b f h w c", b=b)
-                out = torch.where(keep, rearrange(v, "(b f) h w c -> b f h w c", b=b), out)
-                out = rearrange(out, "b f h w c -> (b f) h w c")
-        return x + _from_tokens(self.to_out(out))
+            # Softmax over a single key is 1, so the output is the value: only v is computed,
+            # per position, in the native layout (the common case for image batches).
+            t = _to_tokens(x)
+            t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+            v = F.linear(t, self.to_qkv.weight[2 * hidden:])
+            return x + _from_tokens(self.to_out(v))
+        # One permute of the block input (c channels), rather than of q, k and v (3 x hidden).
+        t = rearrange(x, "(b f) c h w -> (b h w) f c", f=frames)
+        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+        qkv = self.to_qkv(t)
+        q, k, v = (rearrange(u, "n f (m d) -> n m f d", m=self.heads) for u in qkv.chunk(3, -1))
+        bias = None if pos_bias is None else pos_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = rearrange(out, "n m f d -> n f (m d)")
+        if focus_present_mask is not None and bool(focus_present_mask.any()):
+            keep = rearrange(focus_present_mask, "b -> b 1 1 1")
+            out = rearrange(out, "(b s) f c -> b s f c", b=b)
+            v = rearrange(qkv[..., 2 * hidden:], "(b s) f c -> b s f c", b=b)
+            out = rearrange(torch.where(keep, v, out), "b s f c -> (b s) f c")
+        out = rearrange(self.to_out(out), "(b h w) f c -> (b f) c h w", b=b, h=x.shape[-2])
+        return x + out
 
 
 class SpatialAttention(_PreNormAttention):
