@@ -255,33 +255,16 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
     options = _content_options(cfg, conditional)
     plan_hash = fingerprint(options)
     plan = _plan(items, cfg)
-    summary = Summary()
-    done, pending = {}, []
-    for split, shards in plan.items():
-        root = _split_root(cfg, split)
-        root.mkdir(parents=True, exist_ok=True)
-        keep = set() if cfg.overwrite else {s.name for s in shards}
-        clean_output(root, split, keep, everything=cfg.overwrite)
-        for shard in shards:
-            stats = None if cfg.overwrite else load_done(shard.root, shard.name, plan_hash)
-            if stats is not None and stats.get("inputs") == [i.source for _, i in shard.items]:
-                done[split, shard.index] = stats
-            else:
-                pending.append(shard)
-    if cfg.overwrite and "val" not in plan:
-        clean_output(cfg.output_dir / "val", "val", set(), everything=True)  # from an earlier run with a val split
-        if (cfg.output_dir / "val").is_dir() and not any((cfg.output_dir / "val").iterdir()):
-            (cfg.output_dir / "val").rmdir()
-    summary.resumed_shards = len(done)
+    done, pending = _find_done(plan, cfg, plan_hash)
+    summary = Summary(resumed_shards=len(done))
     if done:
         log.info("resuming: %d finished shard(s) kept, %d to write", len(done), len(pending))
     captions = _Captions(cfg, text_encoder) if conditional and pending else None
     encoder_dim = captions.dim if captions else next((s.get("encoder_dim") for s in done.values()), None)
     with _cpu_threads_left_for_bert(cfg, captions):
         _run_pending(pending, cfg, captions, done, plan_hash, summary)
-    for split, shards in plan.items():
+    for split, shards in plan.items():  # manifests last: a dataset with a manifest is complete
         stats = [done[split, s.index] for s in shards]
-        root = _split_root(cfg, split)
         split_skipped = [x for st in stats for x in st["skipped"]] + (skipped if split == cfg.split else [])
         manifest = Manifest(frames=cfg.decode.frames, height=cfg.decode.height, width=cfg.decode.width,
                             encoder=cfg.encoder if conditional else None,
@@ -292,6 +275,7 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
                             extra={"tool": "vdm-shard", "split": split, "inputs": sum(len(s.items) for s in shards),
                                    "options": options, "source_dir": str(cfg.input_dir.resolve()),
                                    "skipped_reasons": _reason_counts(split_skipped)})
+        root = _split_root(cfg, split)
         write_manifest(root, manifest)
         summary.written += manifest.total_samples
         summary.shards += len(stats)
@@ -299,6 +283,27 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
         summary.bytes += sum(st["bytes"] for st in stats)
         summary.roots.append(str(root))
     return summary
+
+
+def _find_done(plan: dict[str, list[_Shard]], cfg: ShardConfig, plan_hash: str) -> tuple[dict, list[_Shard]]:
+    """Shards finished by an earlier run of the same plan (kept), and the rest (to write); clears leftovers."""
+    done, pending = {}, []
+    for split, shards in plan.items():
+        root = _split_root(cfg, split)
+        root.mkdir(parents=True, exist_ok=True)
+        clean_output(root, split, set() if cfg.overwrite else {s.name for s in shards}, everything=cfg.overwrite)
+        for shard in shards:
+            stats = None if cfg.overwrite else load_done(shard.root, shard.name, plan_hash)
+            if stats is not None and stats.get("inputs") == [i.source for _, i in shard.items]:
+                done[split, shard.index] = stats
+            else:
+                pending.append(shard)
+    val = cfg.output_dir / "val"
+    if cfg.overwrite and "val" not in plan and val.is_dir():  # left by an earlier run with a val split
+        clean_output(val, "val", set(), everything=True)
+        if not any(val.iterdir()):
+            val.rmdir()
+    return done, pending
 
 
 def _reason_counts(skipped: list[dict]) -> dict[str, int]:
