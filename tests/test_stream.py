@@ -152,6 +152,10 @@ def test_same_seed_reproduces_other_seed_reorders(small):
     cfg = DataConfig(shards=str(small), num_workers=2, shuffle_buffer=8)
     a, b, c = (keys_of(take(build_loader(cfg, 4, 0, 1, seed=s), 8)) for s in (5, 5, 6))
     assert a == b and sorted(a) == sorted(c) and a != c
+    in_order = lambda keys: sum(int(y[1:]) == int(x[1:]) + 1 for x, y in zip(keys, keys[1:]))  # noqa: E731
+    unbuffered = keys_of(take(build_loader(DataConfig(shards=str(small), num_workers=0, shuffle_buffer=0),
+                                           4, 0, 1, seed=5), 8))
+    assert in_order(unbuffered) == 28 and in_order(a) < 12  # the buffer mixes samples within and across shards
 
 
 def test_hflip_is_seeded_and_flips_some(small):
