@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from vdm.config import DataConfig
-from vdm.data.format import Manifest, decode_sample, encode_sample, read_manifest, write_manifest
+from vdm.data.format import Manifest, decode_sample, encode_sample, write_manifest
 from vdm.data.stream import BAD_SHARD, Batch, LoaderState, build_loader, resolve_shards
 
 F, S, D = 4, 8, 6  # hand-made shards: 4 frames of 8x8, embeddings of width 6

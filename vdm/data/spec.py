@@ -4,11 +4,13 @@ A spec is a vdm-shard directory (or its ``manifest.json``), a brace pattern or g
 a URL, or a ``pipe:`` command (braces expand inside it too). Per-shard counts come from the
 ``manifest.json`` beside the shards; for ``pipe:`` commands, from the manifest beside any local
 path the command names (``pipe:cat data/train-000001.tar``). Remote sources without a local
-manifest resolve with unknown counts, which only the resampled mode can stream.
+manifest resolve with unknown counts, which only the resampled mode can stream. The datasets'
+manifests are then merged and checked against the run's config, so mismatches fail at start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import os
@@ -158,3 +160,38 @@ def resolve_shards(spec) -> list[ShardSet]:
         else:
             sets.append(_from_pattern(item))
     return sets
+
+
+def merged_manifest(sets: list[ShardSet]) -> Manifest | None:
+    """The datasets' common manifest listing every shard; ValueError if their geometry or encoders differ."""
+    found = [s for s in sets if s.manifest is not None]
+    for other in found[1:]:
+        a, b = found[0].manifest, other.manifest
+        geo = lambda m: (m.frames, m.height, m.width, m.channels, m.encoder_dim)  # noqa: E731
+        if geo(a) != geo(b):
+            raise ValueError(f"datasets disagree: {found[0].spec} has (frames, height, width, channels, encoder_dim) "
+                             f"{geo(a)}, {other.spec} has {geo(b)}; mix only datasets sharded alike")
+    if not found:
+        return None
+    shards = [{"name": s.url, "samples": s.samples} for ss in sets for s in ss.shards]
+    return dataclasses.replace(found[0].manifest, shards=shards)
+
+
+def check_manifest(cfg, manifest: Manifest | None, expect_cond_dim: int | None) -> Manifest:
+    """The manifest to decode against, after checking it against the model's config."""
+    if manifest is None:
+        if not (cfg.frames and cfg.image_size):
+            raise ValueError(f"no manifest.json found for {cfg.shards!r}: set data.frames and data.image_size so "
+                             f"samples can be checked, or point data.shards at a vdm-shard directory")
+        return Manifest(cfg.frames, cfg.image_size, cfg.image_size, 3, encoder_dim=expect_cond_dim or None)
+    if cfg.frames and cfg.frames != manifest.frames:
+        raise ValueError(f"data.frames={cfg.frames} but the shards hold {manifest.frames} frames per clip; "
+                         f"set data.frames={manifest.frames} or re-shard with --frames {cfg.frames}")
+    if cfg.image_size and (manifest.height, manifest.width) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"data.image_size={cfg.image_size} but the shards hold {manifest.height}x{manifest.width} "
+                         f"frames; set data.image_size={manifest.height} or re-shard with --size {cfg.image_size}")
+    if expect_cond_dim and manifest.encoder_dim != expect_cond_dim:
+        raise ValueError(f"the model expects text embeddings of width {expect_cond_dim} but the shards hold "
+                         f"{manifest.encoder_dim or 'none (unconditional data)'} (encoder {manifest.encoder!r}); "
+                         f"set model.cond_dim={manifest.encoder_dim or 0} or re-shard with the model's encoder")
+    return manifest

@@ -35,7 +35,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vdm.data.format import Manifest, SampleError, decode_sample
-from vdm.data.spec import Shard, ShardSet, resolve_shards
+from vdm.data.spec import Shard, ShardSet, check_manifest, merged_manifest, resolve_shards
 from vdm.text import pad_embeddings
 
 __all__ = ["Batch", "LoaderState", "ShardLoader", "build_loader", "resolve_shards"]
@@ -352,40 +352,6 @@ class ShardLoader:
         return self._epochs() if self.mode == "epoch" else self._resampled()
 
 
-def _merged_manifest(sets: list[ShardSet]) -> Manifest | None:
-    found = [s for s in sets if s.manifest is not None]
-    for other in found[1:]:
-        a, b = found[0].manifest, other.manifest
-        geo = lambda m: (m.frames, m.height, m.width, m.channels, m.encoder_dim)  # noqa: E731
-        if geo(a) != geo(b):
-            raise ValueError(f"datasets disagree: {found[0].spec} has (frames, height, width, channels, encoder_dim) "
-                             f"{geo(a)}, {other.spec} has {geo(b)}; mix only datasets sharded alike")
-    if not found:
-        return None
-    shards = [{"name": s.url, "samples": s.samples} for ss in sets for s in ss.shards]
-    return dataclasses.replace(found[0].manifest, shards=shards)
-
-
-def _check(cfg, manifest: Manifest | None, expect_cond_dim: int | None) -> Manifest:
-    """The manifest to decode against, after checking it against the model's config."""
-    if manifest is None:
-        if not (cfg.frames and cfg.image_size):
-            raise ValueError(f"no manifest.json found for {cfg.shards!r}: set data.frames and data.image_size so "
-                             f"samples can be checked, or point data.shards at a vdm-shard directory")
-        return Manifest(cfg.frames, cfg.image_size, cfg.image_size, 3, encoder_dim=expect_cond_dim or None)
-    if cfg.frames and cfg.frames != manifest.frames:
-        raise ValueError(f"data.frames={cfg.frames} but the shards hold {manifest.frames} frames per clip; "
-                         f"set data.frames={manifest.frames} or re-shard with --frames {cfg.frames}")
-    if cfg.image_size and (manifest.height, manifest.width) != (cfg.image_size, cfg.image_size):
-        raise ValueError(f"data.image_size={cfg.image_size} but the shards hold {manifest.height}x{manifest.width} "
-                         f"frames; set data.image_size={manifest.height} or re-shard with --size {cfg.image_size}")
-    if expect_cond_dim and manifest.encoder_dim != expect_cond_dim:
-        raise ValueError(f"the model expects text embeddings of width {expect_cond_dim} but the shards hold "
-                         f"{manifest.encoder_dim or 'none (unconditional data)'} (encoder {manifest.encoder!r}); "
-                         f"set model.cond_dim={manifest.encoder_dim or 0} or re-shard with the model's encoder")
-    return manifest
-
-
 def build_loader(cfg, batch_size: int, rank: int, world_size: int, seed: int, state: dict | None = None,
                  pin_memory: bool = False, expect_cond_dim: int | None = None) -> ShardLoader:
     """A loader for ``cfg`` (a DataConfig) on one rank; all checks that can fail do so here, before training."""
@@ -404,7 +370,7 @@ def build_loader(cfg, batch_size: int, rank: int, world_size: int, seed: int, st
         if cfg.mode == "epoch" and len(set(weights)) > 1:
             raise ValueError("data.weights mix datasets by sampling, which only data.mode=resampled does; "
                              "epoch mode reads every sample once")
-    manifest = _check(cfg, _merged_manifest(sets), expect_cond_dim)
+    manifest = check_manifest(cfg, merged_manifest(sets), expect_cond_dim)
     shards = [s for ss in sets for s in ss.shards]
     slots = world_size * max(cfg.num_workers, 1)
     if cfg.mode == "epoch":
