@@ -299,3 +299,6 @@ def test_brace_pattern_list_and_pipe_cat_specs(small, tmp_path):
         build_loader(DataConfig(shards=spec, frames=F, image_size=S), 4, 0, 1, seed=0)
     loader = build_loader(DataConfig(shards=spec, mode="resampled", frames=F, image_size=S), 4, 0, 1, seed=0)
     assert set(keys_of(take(loader, 4))) <= set(expected)
+    # ... or in epoch mode, with a local copy of the manifest naming the remote shards
+    loader = build_loader(DataConfig(shards={"urls": spec, "manifest": str(small)}), 4, 0, 1, seed=0)
+    assert loader.steps_per_epoch == 8 and sorted(keys_of(take(loader, 8))) == expected

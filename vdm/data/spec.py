@@ -4,7 +4,8 @@ A spec is a vdm-shard directory (or its ``manifest.json``), a brace pattern or g
 a URL, or a ``pipe:`` command (braces expand inside it too). Per-shard counts come from the
 ``manifest.json`` beside the shards; for ``pipe:`` commands, from the manifest beside any local
 path the command names (``pipe:cat data/train-000001.tar``). Remote sources without a local
-manifest resolve with unknown counts, which only the resampled mode can stream. The datasets'
+manifest resolve with unknown counts, which only the resampled mode can stream, unless the spec is a
+mapping ``{urls: SPEC, manifest: LOCAL_DIR}`` whose manifest names the shards (matched by file name). The datasets'
 manifests are then merged and checked against the run's config, so mismatches fail at start.
 """
 
@@ -16,6 +17,7 @@ import itertools
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,19 +109,17 @@ def _manifest_near(paths: list[str], cache: dict) -> tuple[Manifest | None, str 
     return None, None
 
 
-def _local_tokens(url: str) -> list[str]:
-    """Local files a URL reads: the path itself, or the existing paths named in a pipe: command."""
-    if url.startswith("pipe:"):
-        try:
-            tokens = shlex.split(url[5:])
-        except ValueError:
-            tokens = url[5:].split()
-        return [t for t in tokens if os.path.isfile(t)]
-    local = _local_path(url)
-    return [local] if local is not None else []
+def _tokens(url: str) -> list[str]:
+    """The words of a URL: a pipe: command split as the shell would, else the URL itself."""
+    if not url.startswith("pipe:"):
+        return [_local_path(url) or url]
+    try:
+        return shlex.split(url[5:])
+    except ValueError:
+        return url[5:].split()
 
 
-def _from_pattern(spec: str) -> ShardSet:
+def _from_pattern(spec: str, manifest_at: str | None = None) -> ShardSet:
     urls = _expand(spec)
     locals_ = {u: _local_path(u) for u in urls if not u.startswith("pipe:")}
     missing = [u for u, p in locals_.items() if p is not None and not os.path.isfile(p)]
@@ -129,13 +129,18 @@ def _from_pattern(spec: str) -> ShardSet:
         raise raw or ValueError(f"shard spec {spec!r} matches nothing (first expansion: {urls[:1] or 'none'})")
     if missing:
         raise ValueError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    fixed = None
+    if manifest_at is not None:
+        root = Path(manifest_at).parent if Path(manifest_at).name == MANIFEST_NAME else Path(manifest_at)
+        fixed = (read_manifest(root), str(root))
     cache: dict = {}
     shards, manifest, root = [], None, None
     for url in urls:
-        found, where = _manifest_near(_local_tokens(url), cache)
+        words = _tokens(url)
+        found, where = fixed or _manifest_near([w for w in words if os.path.isfile(w)], cache)
         manifest, root = (found, where) if manifest is None else (manifest, root)
         counts = {s["name"]: int(s["samples"]) for s in found.shards} if found else {}
-        names = [os.path.basename(t) for t in _local_tokens(url)] or [os.path.basename(url.split()[-1])]
+        names = [os.path.basename(w) for w in words]  # .../train-000001.tar in a path, s3:// or https:// URL
         shards.append(Shard(url, next((counts[n] for n in names if n in counts), None)))
     return ShardSet(spec, shards, manifest, root)
 
@@ -145,13 +150,19 @@ def resolve_shards(spec) -> list[ShardSet]:
 
     Raises ValueError with what was wrong when a spec matches nothing or names raw videos.
     """
-    if isinstance(spec, (str, os.PathLike)):
+    if isinstance(spec, (str, os.PathLike, Mapping)):
         spec = [spec]
     if not spec or any(not str(s).strip() for s in spec):
         raise ValueError(f"data.shards: empty shard spec {spec!r}; give a vdm-shard directory, a brace pattern "
                          f"such as data/train-{{000000..000009}}.tar, a list, or pipe: commands")
     sets = []
-    for item in map(str, spec):
+    for item in spec:
+        if isinstance(item, Mapping):  # {urls: "pipe:aws s3 cp s3://b/train-{000..009}.tar -", manifest: local_dir}
+            if "urls" not in item or set(item) - {"urls", "manifest"}:
+                raise ValueError(f"data.shards entry {dict(item)!r}: a mapping takes keys urls and manifest")
+            sets.append(_from_pattern(str(item["urls"]), item.get("manifest")))
+            continue
+        item = str(item)
         path = Path(item)
         if not item.startswith(_SCHEMES) and path.is_dir():
             sets.append(_from_directory(path, item))
