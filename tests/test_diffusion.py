@@ -337,6 +337,58 @@ def test_auto_normalize_maps_data_range():
     assert torch.equal(diffusion.normalize(torch.ones(1)), torch.ones(1))
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_min_snr_gamma_weights_follow_closed_form(objective):
+    gamma, ab = 5.0, reference_alphas_cumprod(250)
+    # an output off by exactly 1 everywhere: the l2 loss at a single t is the weight itself
+    diffusion = make_diffusion(None, objective=objective, loss_type="l2", min_snr_gamma=gamma, timesteps=250)
+    for t in (0, 20, 100, 249):
+        x_start, noise = torch.rand(1, 1, 4, 8, 8), torch.randn(1, 1, 4, 8, 8)
+        target = diffusion.objective_target(x_start, torch.tensor([t]), noise)
+        diffusion.denoise_fn = lambda x, tt, target=target, **kw: target + 1
+        snr = (ab[t] / (1 - ab[t])).item()
+        weight = {"eps": min(snr, gamma) / snr, "x0": min(snr, gamma), "v": min(snr, gamma) / (snr + 1)}
+        loss = diffusion.p_losses(x_start, torch.tensor([t]), noise)
+        assert loss.item() == pytest.approx(weight[objective], rel=1e-3), t
+
+
+def test_offset_noise_adds_a_shared_offset_per_video_and_channel():
+    torch.manual_seed(0)
+    seen = []
+    diffusion = make_diffusion(lambda x, t, **kw: seen.append(x) or x, offset_noise=0.5, objective="x0",
+                               timesteps=250)
+    x_start = torch.zeros(2000, 1, 4, 8, 8)
+    diffusion.p_losses(x_start, torch.full((2000,), 249))  # ᾱ ≈ 0: the input is the noise itself
+    per_video_mean = seen[0].mean(dim=(2, 3, 4)).flatten()
+    # variance of the mean of 256 elements: 1/256 without offset, 0.25 + 1/256 with it
+    assert per_video_mean.var().item() == pytest.approx(0.25 + 1 / 256, rel=0.15)
+
+
+def test_dynamic_thresholding_rescales_by_the_percentile():
+    diffusion = make_diffusion(None, use_dynamic_thres=True, dynamic_thres_percentile=0.9)
+    x_start = torch.linspace(-3, 3, 256).reshape(1, 1, 4, 8, 8)
+    x_start = torch.cat([x_start, x_start / 10])  # the second sample is already inside [-1, 1]
+    out = diffusion.threshold(x_start)
+    s = x_start[0].abs().flatten().sort().values.quantile(0.9)
+    assert torch.allclose(out[0], x_start[0].clamp(-s, s) / s) and out[0].abs().max() == 1
+    assert torch.equal(out[1], x_start[1])  # s is clamped to at least 1: nothing to do
+    plain = make_diffusion(None).threshold(x_start)
+    assert torch.equal(plain, x_start.clamp(-1, 1))
+
+
+def test_text_use_bert_cls_conditions_on_the_first_token():
+    seen = {}
+
+    def denoiser(x, t, cond=None, cond_mask=None, **kwargs):
+        seen.update(cond=cond, cond_mask=cond_mask)
+        return x
+
+    diffusion = make_diffusion(denoiser, text_use_bert_cls=True)
+    cond, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+    diffusion(torch.rand(2, 1, 4, 8, 8), cond=cond, cond_mask=mask)
+    assert torch.equal(seen["cond"], cond[:, :1]) and seen["cond_mask"].shape == (2, 1)
+
+
 # ---------------------------------------------------------------- guidance
 
 def test_cfg_two_pass_matches_formula_and_batched_path_agrees():

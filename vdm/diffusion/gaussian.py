@@ -34,7 +34,14 @@ def _check_cond(cond):
 
 
 class GaussianDiffusion(nn.Module):
-    """Gaussian diffusion over videos (b, c, f, h, w); the call returns the training loss, `sample` draws videos."""
+    """Gaussian diffusion over videos (b, c, f, h, w); the call returns the training loss, `sample` draws videos.
+
+    The reference's arguments keep their meaning. Added: `beta_schedule` (linear uses beta_start/end
+    as given), `zero_terminal_snr` (Lin et al.; pair it with objective='v'), `objective` (what the
+    denoiser predicts: eps, x0 or v), `min_snr_gamma` (Hang et al. loss weights), `offset_noise`,
+    `cond_drop_prob` (passed to the denoiser as null_cond_prob in training), `auto_normalize` (data in
+    [0, 1] in and out, else [−1, 1]). `text_use_bert_cls` conditions on the first token of `cond` only.
+    """
 
     def __init__(self, denoise_fn, *, image_size, num_frames, text_use_bert_cls=False, channels=3,
                  timesteps=1000, loss_type="l1", use_dynamic_thres=False, dynamic_thres_percentile=0.9,
@@ -200,9 +207,9 @@ class GaussianDiffusion(nn.Module):
 
     # sampling
     def _model_dtype(self):
-        param = next((p for p in self.denoise_fn.parameters() if p.is_floating_point()), None) \
-            if isinstance(self.denoise_fn, nn.Module) else None
-        return torch.float32 if param is None else param.dtype
+        # the denoiser's own dtype (bf16 after a bf16 engine's cast); the sampler's state stays fp32
+        params = self.denoise_fn.parameters() if isinstance(self.denoise_fn, nn.Module) else ()
+        return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
     def _predictor(self, *, cond, cond_mask, cond_scale, guidance_rescale, clip_denoised,
                    known=None, known_mask=None, recon_weight=2.0, **denoiser_kwargs):
@@ -221,23 +228,24 @@ class GaussianDiffusion(nn.Module):
             else:
                 x_start = self._reconstruction_guided_start(start_and_noise, x, t, known, known_mask,
                                                             recon_weight)
-                eps = None
-            if clip_denoised or eps is None:
-                x_start = self.threshold(x_start) if clip_denoised else x_start
+            if clip_denoised:
+                x_start = self.threshold(x_start)
+            if known is not None:  # after thresholding, which may rescale the whole sample
+                x_start = torch.where(known_mask, known, x_start)
+            if clip_denoised or known is not None:  # keep eps consistent with the x0 actually used
                 eps = self.predict_noise_from_start(x, t, x_start)
             return x_start, eps
 
         return predict
 
     def _reconstruction_guided_start(self, start_and_noise, x, t, known, known_mask, recon_weight):
-        """Ho et al. 2022 §3.1: x̃0^b = x̂0^b − (w_r·√ᾱ_t / 2)·∇_{x_t^b} ‖x^a − x̂0^a‖², and x̃0^a = x^a."""
+        """Ho et al. 2022 §3.1: x̃0^b = x̂0^b − (w_r·√ᾱ_t / 2)·∇_{x_t^b} ‖x^a − x̂0^a‖² (a: given, b: generated)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             x_start, _ = start_and_noise(x, t)
             err = ((known - x_start) ** 2 * known_mask).sum()
             (grad,) = torch.autograd.grad(err, x)
-        x_start = x_start.detach() - recon_weight * _extract(self.sqrt_alphas_cumprod, t, x) / 2 * grad
-        return torch.where(known_mask, known, x_start)
+        return x_start.detach() - recon_weight * _extract(self.sqrt_alphas_cumprod, t, x) / 2 * grad
 
     def _prepare_known(self, known_frames, known_mask, batch_size, device):
         """Given frames in [−1, 1] and a bool mask (b, 1, f, 1, 1), from the user's data range and (f,)/(b, f)."""
@@ -275,6 +283,8 @@ class GaussianDiffusion(nn.Module):
             x = torch.randn((batch_size, *self.video_shape), generator=generator, device=device)
         else:
             self._check_videos(x_T, "x_T")
+            if cond is not None and x_T.shape[0] != batch_size:
+                raise ValueError(f"x_T has batch {x_T.shape[0]} but cond has batch {batch_size}")
             x, batch_size = x_T.to(device=device, dtype=torch.float32), x_T.shape[0]
         known, known_mask = self._prepare_known(known_frames, known_mask, batch_size, device)
         predict = self._predictor(cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
