@@ -92,6 +92,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    stop_at: int | None = None  # save and exit at this step, schedule still to `steps` (chained jobs)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -144,6 +145,12 @@ def _epoch_plan(shards: list[Shard], seed: int, epoch: int, lo: int, hi: int) ->
         if offset >= hi:
             break
     return plan
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # A scheduler's SIGTERM reaches the whole process group: the trainer saves a checkpoint and then
+    # shuts its workers down itself, so a worker must not die first and take the step with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SlotStream(IterableDataset):
@@ -318,7 +325,7 @@ class ShardLoader:
         dataset = _SlotStream(self, epoch, skip, rotate)
         extra = {"prefetch_factor": 2} if self.num_workers else {}
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            **extra)
+                            worker_init_fn=_ignore_sigterm, **extra)
         for packet in loader:
             self._counts.update(packet.counts)
             if packet.batch is not None:

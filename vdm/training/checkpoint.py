@@ -50,7 +50,10 @@ def find_latest(ckpt_dir: str | os.PathLike) -> str | None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": json.dumps(_numpy_state()), "python": repr(random.getstate())}
+    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(_numpy_state()), "python": repr(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
 
 
 def _numpy_state() -> list:
@@ -60,6 +63,8 @@ def _numpy_state() -> list:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(_literal(state["python"]))

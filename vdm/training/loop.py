@@ -137,12 +137,16 @@ class Trainer:
         window = {"loss": 0.0, "n": 0, "data_time": 0.0, "step_time": 0.0, "videos": 0}
         bad_in_a_row = 0
         t_last = time.perf_counter()
-        while self.step < train.steps:
+        end = min(train.steps, train.stop_at or train.steps)
+        while self.step < end:
             t0 = time.perf_counter()
             losses = []
             stop = False
             for _ in range(train.grad_accum):
-                batch = next(batches)
+                # DataLoader seeds its workers from the global RNG at every epoch: keep those draws out
+                # of the noise and timestep stream, so a resumed run continues it exactly.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(batches)
                 t_data = time.perf_counter()
                 window["data_time"] += t_data - t0
                 loss = train_step(self.engine, batch, train.precision, self.config.diffusion.prob_focus_present)
@@ -173,13 +177,13 @@ class Trainer:
             last_loss = mean_loss
             window["loss"] += mean_loss
             window["n"] += 1
-            if self.step % logcfg.log_every == 0 or self.step == train.steps:
+            if self.step % logcfg.log_every == 0 or self.step == end:
                 self._log(window, time.perf_counter() - t_last)
                 window = {"loss": 0.0, "n": 0, "data_time": 0.0, "step_time": 0.0, "videos": 0}
                 t_last = time.perf_counter()
             if logcfg.sample_every and self.step % logcfg.sample_every == 0:
                 self._log_samples(batch)
-            if self.step % train.save_every == 0 or self.step == train.steps or stop:
+            if self.step % train.save_every == 0 or self.step == end or stop:
                 self.save()
             if stop:
                 log.warning("SIGTERM: saved step %d and stopping; rerun the same command to resume", self.step)
