@@ -224,3 +224,14 @@ def test_bf16_conv_weight_gradient_path_matches_autograd(transposed):
     torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
     for got, want in zip(grads, (x.grad, conv.weight.grad, conv.bias.grad)):
         torch.testing.assert_close(got, want, atol=0.05, rtol=2e-2)
+
+
+@torch.no_grad()
+def test_reference_readme_text_example_shapes():
+    # The reference README's text example: Unet3D(dim=64, cond_dim=64, dim_mults=(1, 2, 4, 8)),
+    # videos (2, 3, 5, 32, 32), text (2, 64); sampling calls forward_with_cond_scale.
+    torch.manual_seed(0)
+    model = Unet3D(dim=64, cond_dim=64, dim_mults=(1, 2, 4, 8)).eval()
+    videos, text = torch.randn(2, 3, 5, 32, 32), torch.randn(2, 64)
+    out = model.forward_with_cond_scale(videos, torch.tensor([10, 500]), cond=text, cond_scale=2.)
+    assert out.shape == videos.shape and torch.isfinite(out).all()

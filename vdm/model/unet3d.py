@@ -35,7 +35,7 @@ class Unet3D(nn.Module):
     def __init__(self, dim, cond_dim=None, out_dim=None, dim_mults=(1, 2, 4, 8), channels=3,
                  attn_heads=8, attn_dim_head=32, init_dim=None, init_kernel_size=7,
                  use_sparse_linear_attn=True, resnet_groups=8, max_text_len=None,
-                 gradient_checkpointing=False):
+                 gradient_checkpointing=False, layer_cross_attns=None):
         super().__init__()
         if init_kernel_size % 2 == 0:
             raise ValueError(f"init_kernel_size must be odd, got {init_kernel_size}")
@@ -60,8 +60,10 @@ class Unet3D(nn.Module):
         context_dim = None
         if self.has_cond:
             # Learned null: enough tokens to fill a padded sequence when max_text_len is set,
-            # otherwise one token (the rest of the sequence is then masked out).
-            self.null_text_tokens = nn.Parameter(torch.randn(max_text_len or 1, cond_dim) * 0.02)
+            # otherwise one token (the rest of the sequence is then masked out). The count is kept
+            # as an int: under ZeRO 3 a partitioned parameter's shape is not its real shape.
+            self.num_null_tokens = max_text_len or 1
+            self.null_text_tokens = nn.Parameter(torch.randn(self.num_null_tokens, cond_dim) * 0.02)
             self.null_text_pooled = nn.Parameter(torch.randn(cond_dim) * 0.02)
             # Tokens are projected once to a narrow width shared by every cross-attention layer.
             context_dim = time_dim
@@ -72,23 +74,32 @@ class Unet3D(nn.Module):
 
         dims = [init_dim, *(dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
+        # Cross-attention per resolution level (ups share their level's flag). As in Imagen, none
+        # at the highest resolution by default: there it is the costliest block and text already
+        # reaches every block through the pooled vector in the time embedding.
+        if layer_cross_attns is None:
+            layer_cross_attns = (False,) + (True,) * (len(dim_mults) - 1)
+        if len(layer_cross_attns) != len(dim_mults):
+            raise ValueError(f"layer_cross_attns needs one flag per level ({len(dim_mults)}), "
+                             f"got {layer_cross_attns}")
+        self.layer_cross_attns = tuple(bool(c) and self.has_cond for c in layer_cross_attns)
 
         def resnet(d_in, d_out):
             return ResnetBlock(d_in, d_out, emb_dim=time_dim, groups=resnet_groups)
 
-        def level(d_in, d_out, resample):
+        def level(d_in, d_out, resample, cross):
             return nn.ModuleDict(dict(
                 block1=resnet(d_in, d_out), block2=resnet(d_out, d_out),
                 spatial_attn=SpatialLinearAttention(d_out, attn_heads)
                 if use_sparse_linear_attn else nn.Identity(),
-                cross_attn=CrossAttention(d_out, context_dim, **attn)
-                if self.has_cond else nn.Identity(),
+                cross_attn=CrossAttention(d_out, context_dim, **attn) if cross else nn.Identity(),
                 temporal_attn=TemporalAttention(d_out, **attn),
                 resample=resample))
 
         last = len(in_out) - 1
         self.downs = nn.ModuleList(
-            level(d_in, d_out, Downsample(d_out) if i < last else nn.Identity())
+            level(d_in, d_out, Downsample(d_out) if i < last else nn.Identity(),
+                  self.layer_cross_attns[i])
             for i, (d_in, d_out) in enumerate(in_out))
         mid = dims[-1]
         self.mid = nn.ModuleDict(dict(
@@ -98,7 +109,8 @@ class Unet3D(nn.Module):
         # As in the reference, the up path mirrors all but the first level and always upsamples;
         # the last up level ends at width `dim`.
         self.ups = nn.ModuleList(
-            level(d_out * 2, d_in, Upsample(d_in)) for d_in, d_out in reversed(in_out[1:]))
+            level(d_out * 2, d_in, Upsample(d_in), self.layer_cross_attns[i])
+            for i, (d_in, d_out) in reversed(list(enumerate(in_out))[1:]))
 
         self.final_block = ResnetBlock(dim, dim, groups=resnet_groups)
         self.final_conv = Conv2d(dim, out_dim or channels, 1)
@@ -124,7 +136,7 @@ class Unet3D(nn.Module):
         if cond_mask.shape != (batch, length):
             raise ValueError(f"cond_mask must be ({batch}, {length}), got {tuple(cond_mask.shape)}")
         cond_mask = cond_mask.bool()
-        n_null = self.null_text_tokens.shape[0]
+        n_null = self.num_null_tokens
         if self.max_text_len is not None:
             if length > self.max_text_len:
                 raise ValueError(f"cond has {length} tokens, more than max_text_len="
@@ -160,7 +172,7 @@ class Unet3D(nn.Module):
         x = run(blocks["block2"], x, emb)
         if not isinstance(blocks["spatial_attn"], nn.Identity):
             x = run(blocks["spatial_attn"], x)
-        if context is not None:
+        if context is not None and not isinstance(blocks["cross_attn"], nn.Identity):
             x = run(blocks["cross_attn"], x, frames, context, context_mask)
         return run(blocks["temporal_attn"], x, frames, pos_bias, focus)
 
