@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vdm.model.attention import (CrossAttention, RelativePositionBias, SpatialAttention,
                                  SpatialLinearAttention, TemporalAttention)
-from vdm.model.layers import Conv2d, Downsample, ResnetBlock, SinusoidalPosEmb, Upsample
+from vdm.model.layers import Downsample, ResnetBlock, SinusoidalPosEmb, Upsample
 
 
 def prob_mask_like(batch: int, prob: float, device) -> torch.Tensor:
@@ -49,7 +49,7 @@ class Unet3D(nn.Module):
 
         self.time_rel_pos_bias = RelativePositionBias(heads=attn_heads, max_distance=32)
         init_dim = init_dim or dim // 3 * 2
-        self.init_conv = Conv2d(channels, init_dim, init_kernel_size,
+        self.init_conv = nn.Conv2d(channels, init_dim, init_kernel_size,
                                    padding=init_kernel_size // 2)
         self.init_temporal_attn = TemporalAttention(init_dim, **attn)
 
@@ -113,7 +113,7 @@ class Unet3D(nn.Module):
             for i, (d_in, d_out) in reversed(list(enumerate(in_out))[1:]))
 
         self.final_block = ResnetBlock(dim, dim, groups=resnet_groups)
-        self.final_conv = Conv2d(dim, out_dim or channels, 1)
+        self.final_conv = nn.Conv2d(dim, out_dim or channels, 1)
 
     # conditioning -----------------------------------------------------------------------------
 
