@@ -146,6 +146,10 @@ def test_bad_inputs_raise_clear_errors():
         m(torch.randn(1, 4, 2, 16, 16), torch.tensor([1]))
     with pytest.raises(ValueError, match=f"cond must be .*{COND_DIM}"):
         m(torch.randn(1, 3, 2, 16, 16), torch.tensor([1]), torch.randn(1, 4, COND_DIM + 1))
+    with pytest.raises(ValueError, match=r"focus_present_mask must be \(1,\)"):
+        m(torch.randn(1, 3, 2, 16, 16), torch.tensor([1]), focus_present_mask=torch.ones(2).bool())
+    with pytest.raises(ValueError, match="one flag per level"):
+        tiny(layer_cross_attns=(True,))
 
 
 def _grads_and_saved_bytes(model, x, t, cond, mask):

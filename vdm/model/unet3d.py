@@ -3,10 +3,13 @@
 Arguments mean what they mean in lucidrains/video-diffusion-pytorch. Differences, and why:
 - GroupNorm normalises each frame on its own (the reference pools statistics over frames), so a
   sample with `focus_present_mask` is exactly an image model applied per frame.
-- Text conditioning is on token embeddings: cross-attention at every level, plus the masked mean
-  of the tokens added to the time embedding; a learned null (tokens and pooled vector) is used for
-  classifier-free guidance. A `(b, cond_dim)` vector is accepted as a single token.
+- Text conditioning is on token embeddings: cross-attention at every level but the highest
+  resolution (`layer_cross_attns`), plus the masked mean of the tokens added to the time
+  embedding; a learned null (tokens and pooled vector) is used for classifier-free guidance.
+  A `(b, cond_dim)` vector is accepted as a single token.
 - The time/text vector sets a scale and shift in each ResNet block (the reference only shifts).
+Kept from the reference: the up path has one level fewer than the down path, so the first
+level's output is not used as a skip connection; parameter counts stay comparable.
 """
 
 import torch
@@ -199,13 +202,17 @@ class Unet3D(nn.Module):
         is drawn with `null_cond_prob`. focus_present_mask is drawn with `prob_focus_present`.
         """
         time = self._check_input(x, time)
-        b, _, frames, height, _ = x.shape
+        b, _, frames, _, _ = x.shape
         device = x.device
         if cond is not None and not self.has_cond:
             raise ValueError("cond was given but the model was built without cond_dim")
         if focus_present_mask is None:
             focus_present_mask = prob_mask_like(b, prob_focus_present, device)
+        if focus_present_mask.shape != (b,):
+            raise ValueError(f"focus_present_mask must be ({b},), "
+                             f"got {tuple(focus_present_mask.shape)}")
         focus = focus_present_mask.to(device=device, dtype=torch.bool)
+        focus = focus if bool(focus.any()) else None  # one host sync here, not one per block
 
         t = self.time_mlp(time)
         context = context_mask = None
