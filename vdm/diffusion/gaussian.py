@@ -274,6 +274,8 @@ class GaussianDiffusion(nn.Module):
         known_frames (b, c, f, h, w, same data range as the output) with known_mask (f,) or (b, f) bool keeps
         those frames fixed and guides the others towards them by reconstruction guidance with weight
         `recon_weight` (Ho et al. 2022 §3.1); `extend` wraps this for continuing a clip in time.
+        All noise comes from `generator` (a torch.Generator on the diffusion's device), so a seed
+        reproduces the videos; x_T fixes the start noise.
         """
         _check_choice("sampler", sampler, SAMPLERS)
         _check_cond(cond)
