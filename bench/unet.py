@@ -8,8 +8,9 @@ Configs: `fixed` = Unet3D(dim=64, dim_mults=(1, 2, 4, 8), cond_dim=768), batch 2
 (CPU default 4 frames, --full for 16); `tiny` = dim 16, dim_mults (1, 2), 8 frames, 32x32.
 Each (config, dtype, checkpointing) case runs in its own process so that CPU peak memory is that
 process's high-water mark (ru_maxrss after the steps minus after building the model and inputs);
-on CUDA it is torch.cuda.max_memory_allocated above the memory held before the steps. FLOPs are model FLOPs of one fwd+bwd step without recompute
-(FlopCounterMode, with CPU flash attention registered), so checkpointing shows as lower MFU.
+on CUDA it is torch.cuda.max_memory_allocated above the memory held before the steps. FLOPs are
+model FLOPs of one fwd+bwd step without recompute (FlopCounterMode, with CPU flash attention
+registered), so checkpointing shows as lower MFU.
 """
 
 import argparse

@@ -161,7 +161,8 @@ def _grads_and_saved_bytes(model, x, t, cond, mask):
 
     model.zero_grad()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(x, t, cond, mask, focus_present_mask=torch.tensor([False, True])).square().mean()
+        focus = torch.tensor([False, True])
+        loss = model(x, t, cond, mask, focus_present_mask=focus).square().mean()
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
 

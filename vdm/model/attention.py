@@ -80,11 +80,10 @@ class TemporalAttention(_PreNormAttention):
     def forward(self, x, frames: int, pos_bias=None, focus_present_mask=None):
         b, hidden = x.shape[0] // frames, self.heads * self.dim_head
         if frames == 1 or (focus_present_mask is not None and bool(focus_present_mask.all())):
-            # Softmax over a single key is 1, so the output is the value: only v is computed,
-            # per position, in the native layout (the common case for image batches).
-            t = _to_tokens(x)
-            t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
-            v = F.linear(t, self.to_qkv.weight[2 * hidden:])
+            # Softmax over a single key is 1, so the output is the value: no attention and no
+            # permutes (the common case for image batches). to_qkv is called whole, not sliced,
+            # so ZeRO 3 gathers its weight through the usual module hooks.
+            v = self._normed_qkv(x)[2]
             return x + _from_tokens(self.to_out(v))
         # One permute of the block input (c channels), rather than of q, k and v (3 x hidden).
         t = rearrange(x, "(b f) c h w -> (b h w) f c", f=frames)
@@ -131,8 +130,8 @@ class SpatialLinearAttention(_PreNormAttention):
     def forward(self, x):
         q, k, v = (rearrange(t, "n h w (m d) -> n (h w) m d", m=self.heads)
                    for t in self._normed_qkv(x))
-        # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum over
-        # thousands of positions is exact enough without materialising fp32 copies.
+        # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum
+        # over thousands of positions is exact enough without materialising fp32 copies.
         q = q.softmax(dim=-1) * self.dim_head ** -0.5
         k = k.softmax(dim=1)
         context = torch.einsum("nsmd,nsme->nmde", k, v)

@@ -259,8 +259,7 @@ class Unet3D(nn.Module):
         """Classifier-free guidance: conditional and null predictions in one batched call."""
         kwargs.pop("null_cond_prob", None)
         if not self.has_cond or cond is None or cond_scale == 1:
-            return self.forward(x, time, cond=cond, cond_mask=cond_mask, null_cond_prob=0.,
-                                **kwargs)
+            return self(x, time, cond=cond, cond_mask=cond_mask, null_cond_prob=0., **kwargs)
         b = x.shape[0]
         if time.ndim == 0:
             time = time.expand(b)
@@ -270,14 +269,17 @@ class Unet3D(nn.Module):
         if focus is None:
             focus = prob_mask_like(b, kwargs.pop("prob_focus_present", 0.), x.device)
         focus = torch.cat((focus, focus))
-        out = self.forward(torch.cat((x, x)), torch.cat((time, time)), cond=torch.cat((cond, cond)),
-                           cond_mask=None if cond_mask is None else torch.cat((cond_mask, cond_mask)),
-                           null_mask=null_mask, focus_present_mask=focus, **kwargs)
+        # Through __call__, not .forward: ZeRO 3 gathers this module's own parameters (the
+        # learned null) in its forward hooks.
+        out = self(torch.cat((x, x)), torch.cat((time, time)), cond=torch.cat((cond, cond)),
+                   cond_mask=None if cond_mask is None else torch.cat((cond_mask, cond_mask)),
+                   null_mask=null_mask, focus_present_mask=focus, **kwargs)
         cond_out, null_out = out.chunk(2)
         guided = null_out + (cond_out - null_out) * cond_scale
         if rescaled_phi == 0.:
             return guided
         # Lin et al. 2023: match the guided prediction's std to the conditional one's.
         dims = tuple(range(1, guided.ndim))
-        rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        ratio = cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        rescaled = guided * ratio
         return rescaled * rescaled_phi + guided * (1. - rescaled_phi)
