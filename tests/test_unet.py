@@ -220,3 +220,18 @@ def test_reference_readme_text_example_shapes():
     videos, text = torch.randn(2, 3, 5, 32, 32), torch.randn(2, 64)
     out = model.forward_with_cond_scale(videos, torch.tensor([10, 500]), cond=text, cond_scale=2.)
     assert out.shape == videos.shape and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_guidance_runs_through_module_hooks(model):
+    # ZeRO 3 gathers a module's own parameters (here the learned null) in forward hooks, which
+    # only fire through __call__; forward_with_cond_scale must not call .forward directly.
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        x, t, cond, mask = inputs(f=2)
+        model.forward_with_cond_scale(x, t, cond, mask, cond_scale=2.)
+        model.forward_with_cond_scale(x, t, cond, mask, cond_scale=1.)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
