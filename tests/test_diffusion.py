@@ -417,15 +417,16 @@ def test_guidance_rescale_restores_conditional_std():
     assert torch.allclose(combine_guidance(cond_out, null_out, 1.0), cond_out, atol=1e-6)
 
 
-def test_conditional_and_unconditional_sampling_with_cfg():
+def test_conditional_and_unconditional_sampling_with_cfg(capsys):
     model = TinyDenoiser(channels=1, timesteps=250, cond_dim=6)
     diffusion = make_diffusion(model)
     cond = torch.randn(3, 2, 6)
     model.calls.clear()
     x = diffusion.sample(cond=cond, cond_scale=2.0, batch_size=16, sampler="dpmpp", steps=5, progress=False)
     assert x.shape == (3, 1, 4, 8, 8) and len(model.calls) == 10  # no batched method: cond + null per step
-    x = diffusion.sample(batch_size=2, sampler="ddim", steps=5, progress=False)  # no cond: unconditional
-    assert x.shape == (2, 1, 4, 8, 8)
+    assert "ddim" not in capsys.readouterr().err
+    x = diffusion.sample(batch_size=2, sampler="ddim", steps=5, progress=True)  # no cond: unconditional
+    assert x.shape == (2, 1, 4, 8, 8) and "ddim" in capsys.readouterr().err  # the tqdm bar
 
 
 # ---------------------------------------------------------------- given frames, interpolation
