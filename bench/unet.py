@@ -3,6 +3,9 @@
     .venv/bin/python bench/unet.py                     # CPU, reduced fixed config (4 frames)
     .venv/bin/python bench/unet.py --full              # fixed config as specified (16 frames)
     .venv/bin/python bench/unet.py --device cuda       # GPU, full fixed config
+    .venv/bin/python bench/unet.py --threads 1         # on a shared, loaded machine: with more
+                                                       # runnable processes than cores, 2-thread
+                                                       # OpenMP ops stall (3-10x slower steps)
 
 Configs: `fixed` = Unet3D(dim=64, dim_mults=(1, 2, 4, 8), cond_dim=768), batch 2, 64x64, 16 frames
 (CPU default 4 frames, --full for 16); `tiny` = dim 16, dim_mults (1, 2), 8 frames, 32x32.
