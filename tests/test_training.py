@@ -216,3 +216,24 @@ def test_two_nodes_on_loopback_with_torchrun(shards, tmp_path):
     tag = tmp_path / "checkpoints/step00000002"
     assert json.loads((tag / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
     assert {p.name for p in tag.glob("rank*.pt")} == {"rank00000.pt", "rank00001.pt"}
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 3), ("fp16", 1)])
+def test_other_zero_stages_and_fp16_train_save_and_consolidate(shards, tmp_path, precision, stage):
+    """ZeRO 3 (parameters partitioned: EMA gathers them) and fp16 (dynamic loss scale) end to end."""
+    from vdm.sampling.consolidate import consolidate
+    from vdm.sampling.pipeline import load_pipeline
+
+    log = deepspeed_train(tmp_path, shards, "train.steps=3", "train.save_every=3", f"train.precision={precision}",
+                          f"train.zero_stage={stage}")
+    assert "done: step 3" in log
+    assert len(list((tmp_path / "checkpoints/step00000003").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    if precision == "fp16":
+        assert [s for s, _ in scalars(tmp_path / "tb", "train/loss_scale")] == [1, 2, 3]
+    for weights in ("ema", "model"):
+        out = consolidate(tmp_path, tmp_path / weights, weights=weights)
+        pipe = load_pipeline(out)
+        video = pipe(["a red circle"], sampler="ddim", steps=2, cond_scale=2.0, progress=False)
+        assert video.shape == (1, 3, 4, 16, 16) and torch.isfinite(video).all()
+    ema, raw = load_file(str(tmp_path / "ema/model.safetensors")), load_file(str(tmp_path / "model/model.safetensors"))
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)

@@ -62,13 +62,16 @@ def main(argv=None) -> int:
             print(f"vdm-train: {err}", file=sys.stderr)
             return 2
 
-    from vdm.training.engine import DistInfo, init_distributed
+    from vdm.training.engine import DistInfo, init_distributed, set_cpu_threads
     from vdm.training.loop import Trainer
 
     dist = DistInfo.from_env(os.environ)  # the launcher's variables, read once
     setup_logging(dist.is_main)
     log = logging.getLogger("vdm.train")
+    threads = set_cpu_threads(dist, os.environ)
     init_distributed()
+    log.info("rank %d of %d (%d on this machine), %d CPU threads each", dist.rank, dist.world_size,
+             dist.local_world_size, threads)
     start = time.perf_counter()
     trainer = Trainer(config, dist)
     summary = trainer.fit()
