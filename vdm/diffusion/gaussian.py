@@ -11,7 +11,7 @@ from torch import nn
 
 from vdm.diffusion.guidance import guided_output
 from vdm.diffusion.samplers import SAMPLERS, ddpm_loop, randn_like, run_sampler
-from vdm.diffusion.schedule import BETA_SCHEDULES, make_betas, rescale_zero_terminal_snr, schedule_buffers
+from vdm.diffusion.schedule import make_betas, rescale_zero_terminal_snr, schedule_buffers
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_TYPES = ("l1", "l2", "huber")

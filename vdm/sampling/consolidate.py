@@ -13,7 +13,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from vdm.build import build_diffusion, build_unet

@@ -44,17 +44,6 @@ def train_step(engine, batch, precision: str, prob_focus_present: float) -> torc
     return loss.float()
 
 
-def keep_fp32_buffers(module: torch.nn.Module, device: torch.device) -> dict:
-    """Copies of a module's own float buffers (the noise schedule), to undo DeepSpeed's bf16 cast."""
-    return {name: buf.detach().to(device, torch.float32).clone() for name, buf in module.named_buffers(recurse=False)
-            if buf.is_floating_point()}
-
-
-def restore_buffers(module: torch.nn.Module, saved: dict) -> None:
-    for name, value in saved.items():
-        setattr(module, name, value)
-
-
 def resolve_data_facts(config: Config, manifest) -> dict:
     """What the model must agree with the data on: geometry and text encoder; from manifest or config."""
     data: DataConfig = config.data
@@ -95,9 +84,7 @@ class Trainer:
         self.unet = build_unet(self.model_config)
         diffusion = build_diffusion(self.unet, config.diffusion, self.facts["image_size"], self.facts["frames"],
                                     self.facts["channels"])
-        schedule = keep_fp32_buffers(diffusion, torch.device("cpu"))
-        self.engine = initialize(diffusion, train, dist.world_size)
-        restore_buffers(self.engine.module, {k: v.to(self.engine.device) for k, v in schedule.items()})
+        self.engine = initialize(diffusion, train, dist.world_size)  # the schedule stays fp32 (GaussianDiffusion._apply)
         self.ema = EMA(self.unet, train.ema_decay, train.ema_update_every, train.ema_start_step)
         self.step = 0
         if resume_tag is not None:
@@ -119,10 +106,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resolved = self.config.to_dict()
         resolved["model"] = self.model_config.__dict__ | {"dim_mults": list(self.model_config.dim_mults)}
-        run = {"config": resolved, "data": self.facts}
-        (self.out / RUN_CONFIG).write_text(json.dumps(run, indent=2, default=list))
-        (self.out / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=list))))
-        self.writer.add_text("config", "```\n" + yaml.safe_dump(json.loads(json.dumps(resolved, default=list))) + "```")
+        resolved = json.loads(json.dumps(resolved, default=list))  # tuples -> lists, for YAML and JSON alike
+        (self.out / RUN_CONFIG).write_text(json.dumps({"config": resolved, "data": self.facts}, indent=2))
+        text = yaml.safe_dump(resolved)
+        (self.out / "config.yaml").write_text(text)
+        self.writer.add_text("config", "```\n" + text + "```")
 
     def _handle_sigterm(self, signum, frame) -> None:
         # Preemption: finish the current step, save, exit cleanly (the launcher only forwards the signal).
