@@ -187,7 +187,7 @@ def _resolve_device(device: str) -> str:
 
 
 class _Captions:
-    """Encodes a shard's captions: each distinct caption once, in batches sorted by length (less padding)."""
+    """Encodes a shard's captions: each distinct caption once (TextEncoder batches them by length)."""
 
     def __init__(self, cfg: ShardConfig, encoder=None):
         from vdm.text import TextEncoder
@@ -197,7 +197,7 @@ class _Captions:
         self.dim = self.encoder.dim
 
     def encode(self, captions: list[str]) -> dict:
-        unique = sorted(set(captions), key=lambda c: (len(c), c))
+        unique = sorted(set(captions))
         return dict(zip(unique, self.encoder.encode(unique)))
 
 

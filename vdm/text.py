@@ -54,13 +54,20 @@ class TextEncoder:
         return hidden.float(), tokens["attention_mask"].bool()
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Encode any number of texts in batches: one float16 ``(L_i, D)`` array of real tokens each."""
-        out: list[np.ndarray] = []
-        for start in range(0, len(texts), self.batch_size):
-            hidden, mask = self.encode_padded(texts[start:start + self.batch_size])
+        """Encode any number of texts in batches: one float16 ``(L_i, D)`` array of real tokens each.
+
+        Batches are formed from texts of similar token length, so little compute goes to padding.
+        """
+        texts = list(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            hidden, mask = self.encode_padded([texts[i] for i in batch])
             hidden = hidden.to(torch.float16).cpu().numpy()
-            lengths = mask.sum(dim=1).tolist()
-            out.extend(hidden[i, :n] for i, n in enumerate(lengths))
+            for row, (i, n) in enumerate(zip(batch, mask.sum(dim=1).tolist())):
+                out[i] = hidden[row, :n]
         return out
 
 
