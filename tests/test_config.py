@@ -66,3 +66,21 @@ def test_train_cli_rejects_bad_key_before_starting(capsys):
 
     assert main(["--config", str(ROOT / "configs/demo.yaml"), "train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_deepspeed_config_is_generated_from_train_and_merged_with_a_json():
+    from vdm.training.engine import deepspeed_config, lr_lambda
+
+    train = load_config(ROOT / "configs/demo.yaml", ["train.grad_accum=2", "train.precision=fp16"]).train
+    ds = deepspeed_config(train, world_size=4)
+    assert ds["train_batch_size"] == train.micro_batch_size * 2 * 4
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    assert ds["optimizer"]["params"]["lr"] == train.lr
+    train = load_config(ROOT / "configs/demo.yaml", [f"train.deepspeed_config={ROOT / 'configs/ds_zero3.json'}"]).train
+    ds = deepspeed_config(train, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["contiguous_gradients"]
+    # warmup then cosine down to min_lr_ratio
+    factor = lr_lambda(train)
+    assert factor(0) == pytest.approx(1 / train.warmup_steps)
+    assert factor(train.warmup_steps) == pytest.approx(1.0)
+    assert factor(train.steps) == pytest.approx(train.min_lr_ratio)
