@@ -30,7 +30,9 @@ def test_gif_round_trip_is_exact_for_few_colours(tmp_path):
 
 def test_reference_helpers_round_trip(tmp_path):
     video = moving_square(frames=4, size=16)
-    video_tensor_to_gif(video, tmp_path / "r.gif", duration=80)
+    video_tensor_to_gif(video, tmp_path / "r.gif", duration=120)
+    with Image.open(tmp_path / "r.gif") as img:
+        assert img.info["duration"] == 120
     assert torch.allclose(gif_to_tensor(tmp_path / "r.gif"), video, atol=1 / 255)
 
 

@@ -29,11 +29,12 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     return rearrange(torch.from_numpy(np.ascontiguousarray(frames)).float() / 255, "f h w c -> c f h w")
 
 
-def write_gif(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write uint8 (F, H, W, C) frames as a looping GIF."""
+def write_gif(path: str | Path, frames: np.ndarray, fps: float = 8, duration_ms: int | None = None) -> Path:
+    """Write uint8 (F, H, W, C) frames as a looping GIF, at `fps` or `duration_ms` per frame."""
     path = Path(path)
     images = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
+    duration = duration_ms if duration_ms is not None else max(1, round(1000 / fps))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration,
                    loop=0, optimize=False, disposal=2)
     return path
 
@@ -100,7 +101,7 @@ def write_video(path: str | Path, video: torch.Tensor, fps: int = 8) -> Path:
 
 def video_tensor_to_gif(video: torch.Tensor, path: str | Path, duration: int = 120) -> Path:
     """The reference's helper: (C, F, H, W) in [0, 1] to a GIF with `duration` ms per frame."""
-    return write_gif(path, tensor_to_frames(video), fps=max(1, round(1000 / duration)))
+    return write_gif(path, tensor_to_frames(video), duration_ms=duration)
 
 
 def gif_to_tensor(path: str | Path, channels: int = 3) -> torch.Tensor:

@@ -11,6 +11,7 @@ Layout of `<output_dir>/checkpoints/`:
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -67,13 +68,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
     name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(_literal(state["python"]))
-
-
-def _literal(text: str):
-    import ast
-
-    return ast.literal_eval(text)
+    random.setstate(ast.literal_eval(state["python"]))
 
 
 def save(engine, ckpt_dir: Path, step: int, dist: DistInfo, ema_state: dict | None, rank_state: dict,

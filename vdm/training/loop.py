@@ -122,7 +122,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._handle_sigterm)
         batches = iter(self.loader)
         first_loss = last_loss = None
-        window = {"loss": 0.0, "n": 0, "data_time": 0.0, "step_time": 0.0, "videos": 0}
+        window = {"loss": 0.0, "n": 0, "data_time": 0.0, "videos": 0}
         bad_in_a_row = 0
         t_last = time.perf_counter()
         end = min(train.steps, train.stop_at or train.steps)
@@ -167,7 +167,7 @@ class Trainer:
             window["n"] += 1
             if self.step % logcfg.log_every == 0 or self.step == end:
                 self._log(window, time.perf_counter() - t_last)
-                window = {"loss": 0.0, "n": 0, "data_time": 0.0, "step_time": 0.0, "videos": 0}
+                window = {"loss": 0.0, "n": 0, "data_time": 0.0, "videos": 0}
                 t_last = time.perf_counter()
             if logcfg.sample_every and self.step % logcfg.sample_every == 0:
                 self._log_samples(batch)
