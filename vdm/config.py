@@ -186,7 +186,8 @@ def _coerce(key: str, value, hint):
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def section_from_dict(cls, data: dict, prefix: str = ""):
+    """Build config dataclass `cls` from a plain dict, checking keys and value types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(data, dict):
@@ -202,7 +203,7 @@ def _build(cls, data: dict, prefix: str):
         if name not in data:
             continue
         if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], data[name] or {}, f"{prefix}{name}.")
+            values[name] = section_from_dict(hints[name], data[name] or {}, f"{prefix}{name}.")
         else:
             values[name] = _coerce(prefix + name, data[name], hints[name])
     return cls(**values)
@@ -231,7 +232,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), raw)
-    config = _build(Config, data, "")
+    config = section_from_dict(Config, data, "")
     validate(config)
     return config
 

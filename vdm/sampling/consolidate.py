@@ -10,25 +10,16 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from vdm.build import build_diffusion, build_unet
-from vdm.config import DiffusionConfig, ModelConfig
+from vdm.config import DiffusionConfig, ModelConfig, section_from_dict
 
 log = logging.getLogger("vdm.consolidate")
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
-
-
-def _section(cls, data: dict):
-    names = {f.name for f in fields(cls)}
-    values = {k: v for k, v in data.items() if k in names}
-    if "dim_mults" in values:
-        values["dim_mults"] = tuple(values["dim_mults"])
-    return cls(**values)
 
 
 def model_config_from_run(run: dict) -> dict:
@@ -41,8 +32,9 @@ def model_config_from_run(run: dict) -> dict:
 
 def build_from_model_config(cfg: dict):
     """(unet, diffusion) on CPU in fp32, freshly initialised, from a model_config.json dict."""
-    unet = build_unet(_section(ModelConfig, cfg["model"]))
-    diffusion = build_diffusion(unet, _section(DiffusionConfig, cfg["diffusion"]), cfg["image_size"],
+    unet = build_unet(section_from_dict(ModelConfig, cfg["model"], "model."))
+    process = section_from_dict(DiffusionConfig, cfg["diffusion"], "diffusion.")
+    diffusion = build_diffusion(unet, process, cfg["image_size"],
                                 cfg["num_frames"], cfg["channels"])
     return unet, diffusion
 
