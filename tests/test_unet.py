@@ -178,6 +178,32 @@ def test_gradient_checkpointing_same_grads_fewer_saved_bytes():
     assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
+def test_cpu_temporal_attention_path_equals_sdpa():
+    """The explicit CPU path of attend_small gives SDPA's outputs and gradients, bias gradient included."""
+    from vdm.model.attention import RelativePositionBias, attend_small
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 4, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    rpb = RelativePositionBias(heads=4)
+    grads = []
+    for explicit in (True, False):
+        rpb.zero_grad()
+        out = attend_small(q, k, v, rpb(5, q.device), explicit=explicit)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), *(t.grad.clone() for t in (q, k, v)),
+                      rpb.relative_attention_bias.weight.grad.clone()))
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[0][-1].abs().sum() > 0, "the learned bias gets a gradient"
+    # bf16 (softmax in the input dtype, fp32 accumulation in its kernel) stays close to fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attend_small(q, k, v, rpb(5, q.device))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), grads[0][0], rtol=0.05, atol=0.05)
+
+
 def test_bf16_autocast_forward_backward_finite():
     m = tiny().train()
     x, t, cond, mask = inputs()
