@@ -9,22 +9,31 @@
 
 Configs: `fixed` = Unet3D(dim=64, dim_mults=(1, 2, 4, 8), cond_dim=768), batch 2, 64x64, 16 frames
 (CPU default 4 frames, --full for 16); `tiny` = dim 16, dim_mults (1, 2), 8 frames, 32x32.
-Each (config, dtype, checkpointing) case runs in its own process so that CPU peak memory is that
-process's high-water mark (ru_maxrss after the steps minus after building the model and inputs);
-on CUDA it is torch.cuda.max_memory_allocated above the memory held before the steps. FLOPs are
+Each (config, dtype, checkpointing) case runs in its own process. CPU peak memory is that
+process's resident high-water mark during the steps above its size after building the model and
+inputs (Linux VmHWM, reset through /proc/self/clear_refs; not ru_maxrss, which a child inherits
+from its parent's peak across fork and exec); on CUDA it is torch.cuda.max_memory_allocated above
+the memory held before the steps. FLOPs are
 model FLOPs of one fwd+bwd step without recompute (FlopCounterMode, with CPU flash attention
 registered), so checkpointing shows as lower MFU.
+
+Roofline: the script also measures the memory bandwidth (a large tensor copy) and counts the
+operand bytes of the step (every input and output of every non-view aten op, in the dtype it ran
+in). bytes / bandwidth is the time this sequence of ops needs just to stream its operands once;
+max(FLOPs / peak, bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
+the highest fraction of the matmul peak this op sequence can reach on this machine.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,6 +83,55 @@ def matmul_peak(device, dtype, n=2048, reps=10):
     return 2 * n ** 3 / best
 
 
+def copy_bandwidth(device, mb=512, reps=5):
+    """Achieved bytes/s of a large tensor copy (read + write), the machine's streaming bandwidth."""
+    x = torch.empty(mb * 2**20 // 4, device=device)
+    x.uniform_()
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() * x.element_size() / best
+
+
+class OperandBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor input and output of each non-view aten op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            tensors = [t for t in tree_leaves((args, kwargs, out))
+                       if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def resident_bytes(field="VmRSS"):
+    """This process's resident size (VmRSS) or its high-water mark (VmHWM), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kb) * 1024
+
+
+def reset_resident_peak():
+    """Return freed heap pages to the system (glibc malloc_trim), then set VmHWM to the resident size."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def build(config, device, seed=0):
     from vdm.model import Unet3D
     torch.manual_seed(seed)
@@ -104,8 +162,6 @@ def worker(case):
     model, inputs = build(case["config"], device)
     model.gradient_checkpointing = case["ckpt"]
     dtype = DTYPES[case["dtype"]]
-    # CPU peak: this process's high-water mark after the steps minus the one after building.
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     flops = None
     if case["count_flops"]:
         from torch.utils.flop_counter import FlopCounterMode
@@ -115,12 +171,16 @@ def worker(case):
             train_step(model, inputs, torch.float32)
         flops = counter.get_total_flops()
         model.gradient_checkpointing = case["ckpt"]
-    train_step(model, inputs, dtype)  # warm-up: allocator, oneDNN primitive caches
+    with OperandBytes() as counted:
+        train_step(model, inputs, dtype)  # also the warm-up: allocator, oneDNN primitive caches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = 0
+        # Gradients are freed (zero_grad set_to_none) and trimmed back to the system, so the
+        # resident size now is the model and inputs; the steps' peak is measured above it.
+        reset_resident_peak()
+        base = resident_bytes()
     times = []
     for _ in range(case["steps"]):
         sync(device)
@@ -131,8 +191,9 @@ def worker(case):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_built
-    print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops)))
+        peak = resident_bytes("VmHWM") - base
+    print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops,
+                          operand_bytes=counted.bytes)))
 
 
 def run_case(case):
@@ -163,6 +224,7 @@ def main():
     fixed_frames = args.frames or (16 if args.full or device.type == "cuda" else 4)
     CONFIGS["fixed"]["frames"] = fixed_frames
     peaks = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
+    bandwidth = copy_bandwidth(device)
     load = os.getloadavg()[0]
     rows = []
     for config in args.configs.split(","):
@@ -178,26 +240,33 @@ def main():
             row["flops"] = flops
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
     peaks = {k: max(peaks[k], peaks_after[k]) for k in peaks}
-    report(rows, peaks, device, args, fixed_frames, load, os.getloadavg()[0])
+    bandwidth = max(bandwidth, copy_bandwidth(device))
+    report(rows, peaks, bandwidth, device, args, fixed_frames, load, os.getloadavg()[0])
 
 
-def report(rows, peaks, device, args, fixed_frames, load_before, load_after):
+def report(rows, peaks, bandwidth, device, args, fixed_frames, load_before, load_after):
     print(f"\nUnet3D fwd+bwd on {device.type} ({args.threads} threads); fixed config has "
           f"{fixed_frames} frames; load average {load_before:.1f} -> {load_after:.1f}")
     print(f"matmul peak (2048^2): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")
+          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     head = f"{'config':6} {'dtype':5} {'ckpt':5} {'s/step':>8} {'peak MB':>9} " \
-           f"{'GFLOP':>8} {'TFLOP/s':>8} {'% peak':>7}"
+           f"{'GFLOP':>8} {'TFLOP/s':>8} {'% peak':>7} {'GB ops':>7} {'roof s':>7} {'ceiling':>7}"
     print(head)
     print("-" * len(head))
     by = {}
     for r in rows:
         rate = r["flops"] / r["seconds"]
         r["fraction"] = rate / peaks[r["dtype"]]
+        compute_s = r["flops"] / peaks[r["dtype"]]
+        r["roofline_s"] = max(compute_s, r["operand_bytes"] / bandwidth)
+        r["ceiling"] = compute_s / r["roofline_s"]
         by[(r["config"], r["dtype"], r["ckpt"])] = r
         print(f"{r['config']:6} {r['dtype']:5} {str(r['ckpt']):5} {r['seconds']:8.3f} "
               f"{r['peak_bytes'] / 2**20:9.1f} {r['flops'] / 1e9:8.1f} {rate / 1e12:8.3f} "
-              f"{100 * r['fraction']:6.1f}%")
+              f"{100 * r['fraction']:6.1f}% {r['operand_bytes'] / 1e9:7.2f} {r['roofline_s']:7.3f} "
+              f"{100 * r['ceiling']:6.1f}%")
+    print("GB ops: operand bytes of the step's aten ops; roof s: max(FLOPs / matmul peak, GB ops / "
+          "bandwidth); ceiling: the % of peak that roofline time allows")
     print("ratios:")
     for config in dict.fromkeys(r["config"] for r in rows):
         fp32, bf16 = by[(config, "fp32", False)], by[(config, "bf16", False)]
@@ -208,7 +277,9 @@ def report(rows, peaks, device, args, fixed_frames, load_before, load_after):
     fixed = by.get(("fixed", "bf16", False))
     if fixed:
         print(f"summary: fixed config bf16 fwd+bwd reaches {100 * fixed['fraction']:.1f}% of the "
-              f"measured bf16 matmul peak (target 35%)")
+              f"measured bf16 matmul peak (target 35%); streaming its operand bytes once at the "
+              f"measured bandwidth caps this op sequence at {100 * fixed['ceiling']:.1f}%, and the step "
+              f"runs at {fixed['roofline_s'] / fixed['seconds']:.0%} of that roofline")
 
 
 if __name__ == "__main__":
