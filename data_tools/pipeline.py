@@ -46,6 +46,7 @@ class ShardConfig:
     text_batch_size: int = 64
     max_tokens: int = 64
     device: str = "auto"
+    text_dtype: str = "auto"  # BERT matmul precision (vdm.text.TEXT_DTYPES); the resolved one is recorded
     shuffle_seed: int | None = None
     val_fraction: float = 0.0
     split: str = "train"
@@ -120,12 +121,13 @@ def _split_root(cfg: ShardConfig, split: str) -> Path:
     return cfg.output_dir / "val" if split == "val" else cfg.output_dir
 
 
-def _content_options(cfg: ShardConfig, conditional: bool) -> dict:
+def _content_options(cfg: ShardConfig, conditional: bool, text_dtype: str | None) -> dict:
     """The options that decide shard bytes (recorded in the manifest and hashed into the done markers).
 
     The text batch size is one of them: padding changes BERT's float rounding in the last bits.
     """
     return {"decode": asdict(cfg.decode), "encoder": cfg.encoder if conditional else None,
+            "text_dtype": text_dtype if conditional else None,
             "max_tokens": cfg.max_tokens, "text_batch_size": cfg.text_batch_size, "shard_size": cfg.shard_size, "shuffle_seed": cfg.shuffle_seed,
             "val_fraction": cfg.val_fraction, "allow_empty_captions": cfg.allow_empty_captions}
 
@@ -186,14 +188,26 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _text_dtype(cfg: ShardConfig, encoder) -> str:
+    """The concrete BERT dtype this run uses: the given encoder's, or ``cfg.text_dtype`` resolved for the device."""
+    import torch
+
+    from vdm.text import resolve_text_dtype
+
+    wanted = resolve_text_dtype(cfg.text_dtype, torch.device(_resolve_device(cfg.device)))
+    if encoder is not None and cfg.text_dtype != "auto" and encoder.dtype != wanted:
+        raise ValueError(f"text_dtype={cfg.text_dtype} but the given encoder runs in {encoder.dtype}")
+    return encoder.dtype if encoder is not None else wanted
+
+
 class _Captions:
     """Encodes a shard's captions: each distinct caption once (TextEncoder batches them by length)."""
 
-    def __init__(self, cfg: ShardConfig, encoder=None):
+    def __init__(self, cfg: ShardConfig, text_dtype: str, encoder=None):
         from vdm.text import TextEncoder
 
-        self.encoder = encoder or TextEncoder(cfg.encoder, max_tokens=cfg.max_tokens,
-                                              device=_resolve_device(cfg.device), batch_size=cfg.text_batch_size)
+        self.encoder = encoder or TextEncoder(cfg.encoder, max_tokens=cfg.max_tokens, device=_resolve_device(cfg.device),
+                                              batch_size=cfg.text_batch_size, dtype=text_dtype)
         self.dim = self.encoder.dim
 
     def encode(self, captions: list[str]) -> dict:
@@ -252,14 +266,15 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
     found = discover(cfg.input_dir, exclude=cfg.output_dir)
     skipped = list(found.skipped)
     items, conditional = _caption_filter(found.items, cfg, skipped)
-    options = _content_options(cfg, conditional)
+    text_dtype = _text_dtype(cfg, text_encoder) if conditional else None
+    options = _content_options(cfg, conditional, text_dtype)
     plan_hash = fingerprint(options)
     plan = _plan(items, cfg)
     done, pending = _find_done(plan, cfg, plan_hash)
     summary = Summary(resumed_shards=len(done))
     if done:
         log.info("resuming: %d finished shard(s) kept, %d to write", len(done), len(pending))
-    captions = _Captions(cfg, text_encoder) if conditional and pending else None
+    captions = _Captions(cfg, text_dtype, text_encoder) if conditional and pending else None
     encoder_dim = captions.dim if captions else next((s.get("encoder_dim") for s in done.values()), None)
     with _cpu_threads_left_for_bert(cfg, captions):
         _run_pending(pending, cfg, captions, done, plan_hash, summary)
@@ -268,7 +283,7 @@ def run(cfg: ShardConfig, text_encoder=None) -> Summary:
         split_skipped = [x for st in stats for x in st["skipped"]] + (skipped if split == cfg.split else [])
         manifest = Manifest(frames=cfg.decode.frames, height=cfg.decode.height, width=cfg.decode.width,
                             encoder=cfg.encoder if conditional else None,
-                            encoder_dim=encoder_dim if conditional else None,
+                            encoder_dim=encoder_dim if conditional else None, encoder_dtype=text_dtype,
                             max_tokens=cfg.max_tokens if conditional else None,
                             shards=[{"name": st["name"], "samples": st["samples"]} for st in stats],
                             skipped=sorted(split_skipped, key=lambda x: (x["path"], x["reason"])),

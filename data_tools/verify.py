@@ -49,7 +49,8 @@ def describe(root: Path) -> str:
     m = read_manifest(root)
     reasons = Counter(x["reason"].split(" (")[0].split(":")[0] for x in m.skipped)
     lines = [f"{root}: {m.total_samples} samples in {len(m.shards)} shards, clips {m.frames}x{m.height}x{m.width}"
-             f"x{m.channels} uint8, " + (f"text {m.encoder} (dim {m.encoder_dim}, max {m.max_tokens} tokens)"
+             f"x{m.channels} uint8, " + (f"text {m.encoder} (dim {m.encoder_dim}, max {m.max_tokens} tokens, "
+                                            f"{m.encoder_dtype or 'float32'})"
                                           if m.conditional else "unconditional (no text)"),
              f"  skipped {len(m.skipped)}" + "".join(f"\n    {n:5d}  {r}" for r, n in reasons.most_common(10))]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def encoder():
     from vdm.text import TextEncoder
 
-    return TextEncoder("packaged:minilm")
+    return TextEncoder("packaged:minilm", dtype="auto")  # as vdm-shard runs it (fp32 on CPU)
 
 
 def gif_frames(n: int, h: int, w: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
@@ -140,6 +140,8 @@ def test_gif_round_trip_frames_and_embeddings(tmp_path, encoder):
             for f in big]
     np.testing.assert_array_equal(got["sub dir/wide.gif"].frames, np.stack(want))
     assert got["sub dir/wide.gif"].caption == "a blue square moving up"  # whitespace normalised
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.encoder_dtype == encoder.dtype and manifest.extra["options"]["text_dtype"] == encoder.dtype
     for s in got.values():
         direct = encoder.encode([s.caption])[0]
         assert s.emb.dtype == np.float16 and s.emb.shape == direct.shape
@@ -358,6 +360,25 @@ def test_resume_after_killed_process(tmp_path, encoder):
     assert summary.resumed_shards >= 2 and summary.written == 24
     assert tar_bytes(out) == tar_bytes(ref) and not list(out.glob("*.tmp"))
     assert main(["--inspect", str(out)]) == 0
+
+
+def test_text_dtype_option_records_and_uses_bf16(tmp_path, encoder, capsys):
+    """--text-dtype bfloat16 (the fast path on AMX CPUs): recorded in the manifest and shown by --inspect;
+    the stored embeddings are bf16-computed (close to, not equal to, the fp32 default's)."""
+    src = make_demo_dataset(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--workers", "0", "--text-dtype", "bfloat16", "--no-progress", "-q"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.encoder_dtype == "bfloat16" and manifest.extra["options"]["text_dtype"] == "bfloat16"
+    assert main(["--inspect", str(out)]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    got = samples(out)
+    fp32 = encoder.encode([s.caption for s in got])
+    assert encoder.dtype == "float32"
+    for s, ref in zip(got, fp32):
+        a, b = s.emb.astype(np.float32), ref.astype(np.float32)
+        assert a.shape == b.shape and not np.array_equal(a, b)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.02
 
 
 def test_val_split_and_inspect(tmp_path, encoder, capsys):

@@ -4,12 +4,33 @@ import numpy as np
 import pytest
 import torch
 
-from vdm.text import PACKAGED_ENCODER, TextEncoder, pad_embeddings, resolve_encoder
+from vdm.text import PACKAGED_ENCODER, TEXT_DTYPES, TextEncoder, pad_embeddings, resolve_encoder, resolve_text_dtype
 
 
 @pytest.fixture(scope="module")
 def encoder():
     return TextEncoder(PACKAGED_ENCODER, max_tokens=16, batch_size=2)
+
+
+def test_reduced_precision_encoding_stays_close_to_fp32(encoder):
+    """bf16 autocast (what vdm-shard picks on AMX/AVX512-BF16 CPUs and GPUs) really runs in bf16 and
+    moves the embeddings by well under what their fp16 storage and training noise can tell apart."""
+    texts = ["a red circle moving left", "a small shiny blue square moving up quickly near the edge"]
+    bf16 = TextEncoder(PACKAGED_ENCODER, max_tokens=16, batch_size=2, dtype="bfloat16")
+    assert encoder.dtype == "float32" and bf16.dtype == "bfloat16"
+    for a, b in zip(encoder.encode(texts), bf16.encode(texts)):
+        a, b = torch.from_numpy(a).float(), torch.from_numpy(b).float()
+        assert a.shape == b.shape
+        assert not torch.equal(a, b), "the bf16 encoder must not silently run in fp32"
+        assert (a - b).norm() / a.norm() < 0.02
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+
+
+def test_text_dtype_names_are_checked_and_auto_resolves():
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        resolve_text_dtype("bf16", torch.device("cpu"))
+    assert resolve_text_dtype("float16", torch.device("cpu")) == "float16"
+    assert resolve_text_dtype("auto", torch.device("cpu")) in TEXT_DTYPES[1:]
 
 
 def test_encode_keeps_real_tokens_in_fp16(encoder):

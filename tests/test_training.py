@@ -135,7 +135,7 @@ def test_incomplete_tag_is_ignored_on_resume(straight_run, shards, tmp_path):
     assert "step00000002" in log and "done: step 3" in log
 
 
-def test_consolidate_then_sample_gif_and_mp4(straight_run, tmp_path):
+def test_consolidate_then_sample_gif_and_mp4(straight_run, shards, tmp_path):
     from vdm.sampling.cli import main as sample_main
     from vdm.sampling.consolidate import main as consolidate_main
     from vdm.sampling.pipeline import load_pipeline
@@ -148,8 +148,12 @@ def test_consolidate_then_sample_gif_and_mp4(straight_run, tmp_path):
         torch.testing.assert_close(weights[key], value)
     config = json.loads((tmp_path / "model/model_config.json").read_text())
     assert config["encoder"]["dim"] == 384 and config["num_frames"] == 4 and config["image_size"] == 16
+    # Prompts are encoded in the dtype the captions were (the manifest's, vdm-shard's "auto" resolved).
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert config["encoder"]["dtype"] == manifest["encoder_dtype"] and manifest["encoder_dtype"] in ("float32", "bfloat16")
 
     pipe = load_pipeline(tmp_path / "model")
+    assert pipe.encoder.dtype == manifest["encoder_dtype"]
     a = pipe(["a red circle moving left"], cond_scale=3.0, sampler="ddim", steps=5, seed=3, progress=False)
     b = pipe(["a red circle moving left"], cond_scale=3.0, sampler="ddim", steps=5, seed=3, progress=False)
     assert a.shape == (1, 3, 4, 16, 16) and 0 <= a.min() and a.max() <= 1

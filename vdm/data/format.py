@@ -115,6 +115,7 @@ class Manifest:
     channels: int = 3
     encoder: str | None = None  # text encoder name or path; None for unconditional data
     encoder_dim: int | None = None
+    encoder_dtype: str | None = None  # the encoder's matmul dtype (vdm.text.TEXT_DTYPES); None: float32
     max_tokens: int | None = None
     shards: list[dict] = field(default_factory=list)  # [{"name": "train-000000.tar", "samples": 64}]
     skipped: list[dict] = field(default_factory=list)  # [{"path": "...", "reason": "..."}]

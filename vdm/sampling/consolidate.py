@@ -27,7 +27,8 @@ def model_config_from_run(run: dict) -> dict:
     data = run["data"]
     return {"model": run["config"]["model"], "diffusion": run["config"]["diffusion"],
             "image_size": data["image_size"], "num_frames": data["frames"], "channels": data["channels"],
-            "encoder": {"name": data["encoder"], "dim": data["encoder_dim"], "max_tokens": data["max_tokens"]}}
+            "encoder": {"name": data["encoder"], "dim": data["encoder_dim"], "max_tokens": data["max_tokens"],
+                        "dtype": data.get("encoder_dtype") or "float32"}}
 
 
 def build_from_model_config(cfg: dict):

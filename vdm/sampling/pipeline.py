@@ -31,7 +31,9 @@ class Pipeline:
             from vdm.text import TextEncoder
 
             enc = self.config["encoder"]
-            self._encoder = TextEncoder(enc["name"], max_tokens=enc.get("max_tokens") or 64, device=self.device)
+            # The dtype the captions were encoded in (older model configs: fp32).
+            self._encoder = TextEncoder(enc["name"], max_tokens=enc.get("max_tokens") or 64, device=self.device,
+                                        dtype=enc.get("dtype") or "float32")
             if self._encoder.dim != enc["dim"]:
                 raise ValueError(f"encoder {enc['name']} gives width {self._encoder.dim}, the model was trained "
                                  f"with {enc['dim']}")

@@ -48,12 +48,13 @@ def resolve_data_facts(config: Config, manifest) -> dict:
     """What the model must agree with the data on: geometry and text encoder; from manifest or config."""
     data: DataConfig = config.data
     facts = {"frames": data.frames, "image_size": data.image_size, "channels": config.model.channels,
-             "encoder": None, "encoder_dim": None, "max_tokens": None}
+             "encoder": None, "encoder_dim": None, "encoder_dtype": None, "max_tokens": None}
     if manifest is not None:
         if manifest.height != manifest.width:
             raise ValueError(f"shards hold {manifest.height}x{manifest.width} clips; vdm trains square clips")
         facts.update(frames=manifest.frames, image_size=manifest.height, channels=manifest.channels,
-                     encoder=manifest.encoder, encoder_dim=manifest.encoder_dim, max_tokens=manifest.max_tokens)
+                     encoder=manifest.encoder, encoder_dim=manifest.encoder_dim,
+                     encoder_dtype=manifest.encoder_dtype, max_tokens=manifest.max_tokens)
     if facts["frames"] is None or facts["image_size"] is None:
         raise ValueError("data.frames and data.image_size must be set when the shards have no manifest.json")
     return facts
