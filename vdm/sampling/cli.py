@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     from vdm.sampling.pipeline import load_pipeline
     from vdm.sampling.video_io import write_video
 
+    if args.device == "cpu":
+        from vdm.runtime import keep_freed_memory
+
+        keep_freed_memory()  # each denoising step reuses the last one's memory, no page faults
     if args.sampler not in SAMPLERS:
         print(f"vdm-sample: --sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
             print(f"vdm-train: {err}", file=sys.stderr)
             return 2
 
+    import torch
+
+    from vdm.runtime import keep_freed_memory
     from vdm.training.engine import DistInfo, init_distributed, set_cpu_threads
     from vdm.training.loop import Trainer
 
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
     setup_logging(dist.is_main)
     log = logging.getLogger("vdm.train")
     threads = set_cpu_threads(dist, os.environ)
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # no page faults for each step's large activations
     init_distributed()
     log.info("rank %d of %d (%d on this machine), %d CPU threads each", dist.rank, dist.world_size,
              dist.local_world_size, threads)
