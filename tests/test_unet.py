@@ -178,9 +178,9 @@ def test_gradient_checkpointing_same_grads_fewer_saved_bytes():
     assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
-def test_cpu_temporal_attention_path_equals_sdpa():
-    """The explicit CPU path of attend_small gives SDPA's outputs and gradients, bias gradient included."""
-    from vdm.model.attention import RelativePositionBias, attend_small
+def test_cpu_attention_path_equals_sdpa():
+    """The explicit CPU path of attend gives SDPA's outputs and gradients, bias gradient included."""
+    from vdm.model.attention import RelativePositionBias, attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, 4, 5, 8, generator=g, requires_grad=True) for _ in range(3))
@@ -188,7 +188,7 @@ def test_cpu_temporal_attention_path_equals_sdpa():
     grads = []
     for explicit in (True, False):
         rpb.zero_grad()
-        out = attend_small(q, k, v, rpb(5, q.device), explicit=explicit)
+        out = attend(q, k, v, rpb(5, q.device), explicit=explicit)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), *(t.grad.clone() for t in (q, k, v)),
                       rpb.relative_attention_bias.weight.grad.clone()))
@@ -199,9 +199,53 @@ def test_cpu_temporal_attention_path_equals_sdpa():
     assert grads[0][-1].abs().sum() > 0, "the learned bias gets a gradient"
     # bf16 (softmax in the input dtype, fp32 accumulation in its kernel) stays close to fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = attend_small(q, k, v, rpb(5, q.device))
+        low = attend(q, k, v, rpb(5, q.device))
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), grads[0][0], rtol=0.05, atol=0.05)
+    # A boolean padding mask (cross-attention): the same outputs and gradients, and masked keys
+    # get no gradient at all.
+    mask = torch.tensor([True, True, False, True, False]).view(1, 1, 1, 5)
+    results = []
+    for explicit in (True, False):
+        out = attend(q, k, v, mask, explicit=explicit)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), *(t.grad.clone() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][2][..., [2, 4], :].abs().sum() == 0 and results[0][3][..., [2, 4], :].abs().sum() == 0
+
+
+def test_attention_layouts_match_plain_formulas():
+    """The layout-optimised temporal and linear attentions equal the formulas written out plainly."""
+    from einops import rearrange
+
+    from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
+
+    torch.manual_seed(0)
+    frames, heads, d = 3, 2, 4
+    x = torch.randn(2 * frames, 6, 5, 4)  # (b f) c h w
+
+    def normed_qkv(mod):
+        t = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), mod.gamma, None, 1e-5)
+        return (rearrange(u, "n h w (m e) -> n h w m e", m=heads) for u in mod.to_qkv(t).chunk(3, -1))
+
+    temporal, rpb = TemporalAttention(6, heads, d), RelativePositionBias(heads)
+    bias = rpb(frames, x.device)
+    q, k, v = (rearrange(u, "(b f) h w m e -> b h w m f e", f=frames) for u in normed_qkv(temporal))
+    attn = (torch.einsum("bhwmie,bhwmje->bhwmij", q, k) * d ** -0.5 + bias).softmax(-1)
+    out = rearrange(torch.einsum("bhwmij,bhwmje->bhwmie", attn, v), "b h w m f e -> (b f) h w (m e)")
+    want = x + temporal.to_out(out).permute(0, 3, 1, 2)
+    torch.testing.assert_close(temporal(x, frames, bias), want, rtol=1e-5, atol=1e-5)
+
+    linear = SpatialLinearAttention(6, heads, d)
+    q, k, v = normed_qkv(linear)
+    q, k = q.softmax(-1) * d ** -0.5, k.flatten(1, 2).softmax(1).view_as(k)
+    context = torch.einsum("nhwmd,nhwme->nmde", k, v)
+    out = rearrange(torch.einsum("nmde,nhwmd->nhwme", context, q), "n h w m e -> n h w (m e)")
+    want = x + linear.to_out(out).permute(0, 3, 1, 2)
+    torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_forward_backward_finite():

@@ -70,23 +70,37 @@ class _PreNormAttention(nn.Module):
         return self.to_qkv(t).chunk(3, dim=-1)
 
 
-def attend_small(q, k, v, bias=None, explicit: bool | None = None):
-    """softmax(q k^T / sqrt(d) + bias) v for many short sequences: q, k, v `(..., f, d)`, bias `(m, f, f)`.
+# On CPU, attention over at most this many keys runs as explicit matmuls and softmax (see attend).
+CPU_EXPLICIT_MAX_KEYS = 256
 
-    Through SDPA, except on CPU (`explicit=None`), where SDPA has no fused kernel for a bias that needs
-    a gradient and its unfused fallback scales q and k separately and upcasts around the softmax: there
-    one matmul, one fused scale-and-bias add and a softmax in the input dtype (its kernel accumulates in
-    fp32) make the temporal attention of the 64x64 level 1.7x faster in bf16 (bench/unet.py). The CPU
-    flash kernel is slower still on these f x f problems, bias or not. Both paths agree (tests).
+
+def attend(q, k, v, mask=None, explicit: bool | None = None):
+    """softmax(q k^T / sqrt(d) + mask) v over `(..., L, d)` tensors; mask: additive float, or bool
+    with True = attend (every query keeps at least one key), broadcastable to `(..., Lq, Lk)`.
+
+    Through SDPA, except on CPU over few keys (`explicit=None`): there the temporal attention (a
+    frame-distance bias that needs a gradient, which no fused CPU kernel supports) and the
+    cross-attention (a dozen text tokens) run as one matmul, one op that scales, adds the mask and
+    goes to fp32, an fp32 softmax and one matmul. SDPA's CPU kernels lose on
+    such shapes: in bf16 fwd+bwd its unfused fallback made the temporal attention of the 64x64
+    level 1.7x slower, and its flash kernel the cross-attention of the 32x32 level 2x slower
+    (bench/unet.py measures the whole model). Both paths agree (tests).
     """
     if explicit is None:
-        explicit = q.device.type == "cpu"
+        explicit = q.device.type == "cpu" and k.shape[-2] <= CPU_EXPLICIT_MAX_KEYS
     if not explicit:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # Scores go to fp32 in the op that scales them and adds the bias: the CPU softmax is 3.5x
+    # slower on bf16 rows of 16 than on fp32 ones (fwd+bwd), far more than the casts cost.
     scores = torch.matmul(q, k.transpose(-1, -2))
     scale = q.shape[-1] ** -0.5
-    scores = scores * scale if bias is None else torch.add(bias.to(scores.dtype), scores, alpha=scale)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    if mask is None:
+        scores = scores.float() * scale
+    elif mask.dtype == torch.bool:
+        scores = (scores.float() * scale).masked_fill(~mask, float("-inf"))
+    else:
+        scores = torch.add(mask.float(), scores, alpha=scale)  # bf16 + fp32 -> fp32
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
 class TemporalAttention(_PreNormAttention):
@@ -110,7 +124,7 @@ class TemporalAttention(_PreNormAttention):
         t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
         qkv = rearrange(self.to_qkv(t), "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3, m=self.heads)
         q, k, v = qkv.contiguous()
-        out = attend_small(q, k, v, None if pos_bias is None else pos_bias.to(q.dtype))
+        out = attend(q, k, v, None if pos_bias is None else pos_bias.to(q.dtype))
         if focus_present_mask is not None and bool(focus_present_mask.any()):
             keep = rearrange(focus_present_mask, "b -> b 1 1 1 1")
             out = rearrange(out, "(b s) m f d -> b s m f d", b=b)
@@ -142,15 +156,19 @@ class SpatialLinearAttention(_PreNormAttention):
         super().__init__(dim, heads, dim_head, out_bias=True)
 
     def forward(self, x):
-        q, k, v = (rearrange(t, "n h w (m d) -> n (h w) m d", m=self.heads)
-                   for t in self._normed_qkv(x))
+        # One copy makes q, k and v (n, heads, positions, d) at once; both products below then run
+        # as batched matmuls on them (k transposed as a view), with no further permutes.
+        t = _to_tokens(x)
+        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+        qkv = rearrange(self.to_qkv(t), "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
+        q, k, v = qkv.contiguous()
         # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum
         # over thousands of positions is exact enough without materialising fp32 copies.
-        q = q.softmax(dim=-1) * self.dim_head ** -0.5
-        k = k.softmax(dim=1)
-        context = torch.einsum("nsmd,nsme->nmde", k, v)
-        out = torch.einsum("nmde,nsmd->nsme", context, q)
-        out = rearrange(out, "n (h w) m e -> n h w (m e)", h=x.shape[-2])
+        q = q.softmax(dim=-1)
+        k = k.softmax(dim=-2)
+        # The 1/sqrt(d) scale goes on the small (d x d) context rather than on q.
+        context = torch.matmul(k.transpose(-1, -2), v) * self.dim_head ** -0.5
+        out = rearrange(torch.matmul(q, context), "n m (h w) e -> n h w (m e)", h=x.shape[-2])
         return x + _from_tokens(self.to_out(out))
 
 
@@ -177,6 +195,6 @@ class CrossAttention(nn.Module):
         k, v = (rearrange(c, "b l (m d) -> b m l d", m=self.heads)
                 for c in self.to_kv(context.to(q.dtype)).chunk(2, dim=-1))
         mask = None if context_mask is None else rearrange(context_mask, "b l -> b 1 1 l")
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         out = rearrange(out, "b m (f h w) d -> (b f) h w (m d)", f=frames, h=x.shape[-2])
         return x + _from_tokens(self.to_out(out))
