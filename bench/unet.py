@@ -157,6 +157,9 @@ def train_step(model, inputs, dtype):
 
 def worker(case):
     """Time one case; print one JSON line (run in a fresh process)."""
+    from vdm.runtime import keep_freed_memory
+    if case["keep_memory"]:  # as vdm-train and vdm-sample do on CPU
+        keep_freed_memory()
     torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
     model, inputs = build(case["config"], device)
@@ -231,17 +234,25 @@ def main():
         for i, (dtype, ckpt) in enumerate([(d, c) for d in DTYPES for c in (False, True)]):
             case = dict(config=config, dtype=dtype, ckpt=ckpt, device=args.device,
                         threads=args.threads, steps=args.steps, count_flops=i == 0,
-                        fixed_frames=fixed_frames)
+                        fixed_frames=fixed_frames, keep_memory=True)
             rows.append(run_case(case))
             print(f"  done {config} {dtype} ckpt={ckpt}: {rows[-1]['seconds']:.2f} s/step",
                   file=sys.stderr, flush=True)
         flops = rows[-4]["flops"]
         for row in rows[-4:]:
             row["flops"] = flops
+    if device.type == "cpu":  # the last config's bf16 step with glibc's default: unmap large blocks
+        default_malloc = run_case(dict(rows[-2], keep_memory=False, count_flops=False))
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
     peaks = {k: max(peaks[k], peaks_after[k]) for k in peaks}
     bandwidth = max(bandwidth, copy_bandwidth(device))
     report(rows, peaks, bandwidth, device, args, fixed_frames, load, os.getloadavg()[0])
+    if device.type == "cpu":
+        kept = next(r for r in rows if r["config"] == default_malloc["config"] and r["dtype"] == "bf16"
+                    and not r["ckpt"])
+        print(f"  {kept['config']}: keeping freed memory (vdm.runtime.keep_freed_memory) vs glibc's default: "
+              f"{default_malloc['seconds']:.3f} -> {kept['seconds']:.3f} s/step, "
+              f"{default_malloc['seconds'] / kept['seconds']:.2f}x")
 
 
 def report(rows, peaks, bandwidth, device, args, fixed_frames, load_before, load_after):
