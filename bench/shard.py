@@ -1,5 +1,6 @@
 """vdm-shard throughput: clips/s for GIF and MP4 inputs at two sizes, where the time goes, bytes per sample,
-BERT batching vs one caption at a time (target >= 5x per caption), 2 decode workers vs 1 (target >= 1.6x).
+BERT batching vs one caption at a time (target >= 5x per caption) in float32 and bfloat16, 2 decode workers vs
+1 (target >= 1.6x).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/shard.py [--n 96]
 
@@ -88,9 +89,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vdm.text import TextEncoder
 
-    encoder = TextEncoder("packaged:minilm", batch_size=64)
+    encoder = TextEncoder("packaged:minilm", batch_size=64, dtype="auto")  # as vdm-shard runs it
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
-          f"{args.n} clips of 16 frames per set, 2 workers unless stated")
+          f"{args.n} clips of 16 frames per set, 2 workers unless stated; BERT in {encoder.dtype} (auto)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {"gif 64px": make_gifs(tmp / "gif", args.n, 64, 16), "mp4 128px": make_mp4s(tmp / "mp4", args.n, 128, 16)}
@@ -101,9 +102,14 @@ def main() -> None:
                 r = shard_once(src, tmp / "out", size, 2, encoder)
                 print(f"{name:10s} {size:5d} {r['clips_s']:8.1f} {r['decode_s']:7.2f} {r['resize_s']:7.2f}"
                       f" {r['bert_s']:6.2f} {r['write_s']:6.2f} {r['bytes']:13,.0f}")
-        one, batched = bert_batching(encoder, 64)
-        print(f"BERT per caption: one at a time {one * 1e3:.1f} ms, batch of 64 {batched * 1e3:.1f} ms "
-              f"-> {one / batched:.1f}x (target >= 5x)")
+        per_caption = {}
+        for dtype in ("float32", "bfloat16"):
+            enc = encoder if encoder.dtype == dtype else TextEncoder("packaged:minilm", batch_size=64, dtype=dtype)
+            one, batched = per_caption[dtype] = bert_batching(enc, 128)
+            print(f"BERT per caption in {dtype}: one at a time {one * 1e3:.1f} ms, batches of 64 "
+                  f"{batched * 1e3:.2f} ms -> {one / batched:.1f}x (target >= 5x)")
+        print(f"bfloat16 batches vs float32 one at a time: "
+              f"{per_caption['float32'][0] / per_caption['bfloat16'][1]:.1f}x")
         # Decode-bound: larger sources, no text; best of 2 runs each, as other processes share the cores.
         src = make_mp4s(tmp / "mp4big", args.n, 256, 32)
         w1, w2 = ({"clips_s": max(shard_once(src, tmp / "out", 64, w, encoder, no_text=True)["clips_s"]

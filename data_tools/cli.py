@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens", type=int, default=64, help="caption tokens kept")
     t.add_argument("--device", default="auto", help="device for BERT: auto, cpu, cuda, cuda:1 ...")
     t.add_argument("--text-dtype", choices=TEXT_DTYPES, default="auto",
-                   help="BERT matmul precision; auto: bf16 on GPUs, fp32 on CPUs (bfloat16 is ~1.8x faster "
-                        "on AMX CPUs, byte-identical only at equal thread counts). Recorded in the manifest; "
-                        "prompts are encoded the same way at sampling time")
+                   help="BERT matmul precision; auto: bf16 on GPUs and on CPUs with AMX/AVX512-BF16 (~1.8x "
+                        "faster than fp32 there), else fp32. Recorded in the manifest; prompts are encoded the "
+                        "same way at sampling time. float32 makes the bytes independent of --workers")
     o = p.add_argument_group("output")
     o.add_argument("--shard-size", type=int, default=64, help="samples per shard (target)")
     o.add_argument("--workers", type=int, default=2, help="decode processes (0: decode in the main process)")

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def encoder():
     from vdm.text import TextEncoder
 
-    return TextEncoder("packaged:minilm", dtype="auto")  # as vdm-shard runs it (fp32 on CPU)
+    return TextEncoder("packaged:minilm", dtype="auto")  # as vdm-shard runs it (bf16 on AMX CPUs)
 
 
 def gif_frames(n: int, h: int, w: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
@@ -309,9 +309,16 @@ def test_missing_input_dir_and_nothing_written(tmp_path, caplog):
 # ---------------------------------------------------------------- determinism, resume, inspect
 
 def test_byte_identical_reruns_any_worker_count(tmp_path, encoder):
+    """Same inputs and options: the same bytes (default dtype); in fp32 also across worker counts."""
+    from vdm.text import TextEncoder
+
     src = make_demo_dataset(tmp_path / "in", n=30)
-    shard(src, tmp_path / "a", encoder, shard_size=8, workers=0)
-    shard(src, tmp_path / "b", encoder, shard_size=8, workers=2)
+    shard(src, tmp_path / "d1", encoder, shard_size=8, workers=2)
+    shard(src, tmp_path / "d2", encoder, shard_size=8, workers=2)
+    assert tar_bytes(tmp_path / "d1") == tar_bytes(tmp_path / "d2")
+    fp32 = TextEncoder("packaged:minilm", dtype="float32")
+    shard(src, tmp_path / "a", fp32, shard_size=8, workers=0)
+    shard(src, tmp_path / "b", fp32, shard_size=8, workers=2)
     a, b = tar_bytes(tmp_path / "a"), tar_bytes(tmp_path / "b")
     assert len(a) == 4 and a == b
     assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text().replace(
@@ -362,19 +369,21 @@ def test_resume_after_killed_process(tmp_path, encoder):
     assert main(["--inspect", str(out)]) == 0
 
 
-def test_text_dtype_option_records_and_uses_bf16(tmp_path, encoder, capsys):
-    """--text-dtype bfloat16 (the fast path on AMX CPUs): recorded in the manifest and shown by --inspect;
-    the stored embeddings are bf16-computed (close to, not equal to, the fp32 default's)."""
+def test_text_dtype_option_records_and_uses_it(tmp_path, capsys):
+    """--text-dtype: recorded in the manifest and shown by --inspect; bf16 embeddings are bf16-computed
+    (close to, not equal to, fp32 ones)."""
+    from vdm.text import TextEncoder
+
     src = make_demo_dataset(tmp_path / "in", n=6)
-    out = tmp_path / "out"
-    assert main([str(src), str(out), "--workers", "0", "--text-dtype", "bfloat16", "--no-progress", "-q"]) == 0
-    manifest = read_manifest(out)
-    assert manifest.encoder_dtype == "bfloat16" and manifest.extra["options"]["text_dtype"] == "bfloat16"
-    assert main(["--inspect", str(out)]) == 0
-    assert "bfloat16" in capsys.readouterr().out
-    got = samples(out)
-    fp32 = encoder.encode([s.caption for s in got])
-    assert encoder.dtype == "float32"
+    for dtype in ("bfloat16", "float32"):
+        out = tmp_path / dtype
+        assert main([str(src), str(out), "--workers", "0", "--text-dtype", dtype, "--no-progress", "-q"]) == 0
+        manifest = read_manifest(out)
+        assert manifest.encoder_dtype == dtype and manifest.extra["options"]["text_dtype"] == dtype
+        assert main(["--inspect", str(out)]) == 0
+        assert dtype in capsys.readouterr().out
+    got = samples(tmp_path / "bfloat16")
+    fp32 = TextEncoder("packaged:minilm", dtype="float32").encode([s.caption for s in got])
     for s, ref in zip(got, fp32):
         a, b = s.emb.astype(np.float32), ref.astype(np.float32)
         assert a.shape == b.shape and not np.array_equal(a, b)
