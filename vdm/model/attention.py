@@ -97,7 +97,9 @@ def attend(q, k, v, mask=None, explicit: bool | None = None):
     if mask is None:
         scores = scores.float() * scale
     elif mask.dtype == torch.bool:
-        scores = (scores.float() * scale).masked_fill(~mask, float("-inf"))
+        # The most negative float, not -inf: a query with every key masked gets a uniform
+        # average instead of NaN; with one real key the masked ones still get exactly 0.
+        scores = (scores.float() * scale).masked_fill(~mask, torch.finfo(torch.float32).min)
     else:
         scores = torch.add(mask.float(), scores, alpha=scale)  # bf16 + fp32 -> fp32
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
