@@ -3,6 +3,7 @@
     .venv/bin/python bench/unet.py                     # CPU, reduced fixed config (4 frames)
     .venv/bin/python bench/unet.py --full              # fixed config as specified (16 frames)
     .venv/bin/python bench/unet.py --device cuda       # GPU, full fixed config
+    .venv/bin/python bench/unet.py --compile           # also the fixed bf16 step under torch.compile
     .venv/bin/python bench/unet.py --threads 1         # on a shared, loaded machine: with more
                                                        # runnable processes than cores, 2-thread
                                                        # OpenMP ops stall (3-10x slower steps)
@@ -174,8 +175,16 @@ def worker(case):
             train_step(model, inputs, torch.float32)
         flops = counter.get_total_flops()
         model.gradient_checkpointing = case["ckpt"]
-    with OperandBytes() as counted:
-        train_step(model, inputs, dtype)  # also the warm-up: allocator, oneDNN primitive caches
+    compile_s = None
+    if case.get("compile"):  # Inductor: fused kernels; the first step compiles
+        step_model = torch.compile(model)
+        start = time.perf_counter()
+        train_step(step_model, inputs, dtype)
+        compile_s = time.perf_counter() - start
+        model, counted = step_model, OperandBytes()
+    else:
+        with OperandBytes() as counted:
+            train_step(model, inputs, dtype)  # also the warm-up: allocator, oneDNN primitive caches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -196,7 +205,7 @@ def worker(case):
     else:
         peak = resident_bytes("VmHWM") - base
     print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops,
-                          operand_bytes=counted.bytes)))
+                          operand_bytes=counted.bytes, compile_s=compile_s)))
 
 
 def run_case(case):
@@ -215,6 +224,8 @@ def main():
     parser.add_argument("--full", action="store_true", help="CPU: 16 frames for `fixed`")
     parser.add_argument("--frames", type=int, help="override the fixed config's frame count")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case (min taken)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the last config's bf16 step under torch.compile")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -243,6 +254,7 @@ def main():
             row["flops"] = flops
     if device.type == "cpu":  # the last config's bf16 step with glibc's default: unmap large blocks
         default_malloc = run_case(dict(rows[-2], keep_memory=False, count_flops=False))
+    compiled = run_case(dict(rows[-2], count_flops=False, compile=True)) if args.compile else None
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
     peaks = {k: max(peaks[k], peaks_after[k]) for k in peaks}
     bandwidth = max(bandwidth, copy_bandwidth(device))
@@ -253,6 +265,12 @@ def main():
         print(f"  {kept['config']}: keeping freed memory (vdm.runtime.keep_freed_memory) vs glibc's default: "
               f"{default_malloc['seconds']:.3f} -> {kept['seconds']:.3f} s/step, "
               f"{default_malloc['seconds'] / kept['seconds']:.2f}x")
+    if compiled:
+        eager = rows[-2]
+        print(f"  {eager['config']}: torch.compile bf16 step {compiled['seconds']:.3f} s vs eager "
+              f"{eager['seconds']:.3f} s ({eager['seconds'] / compiled['seconds']:.2f}x), "
+              f"{100 * eager['flops'] / compiled['seconds'] / peaks['bf16']:.1f}% of the bf16 matmul peak; "
+              f"compiling took {compiled['compile_s']:.0f} s")
 
 
 def report(rows, peaks, bandwidth, device, args, fixed_frames, load_before, load_after):
