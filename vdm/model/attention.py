@@ -63,11 +63,11 @@ class _PreNormAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, hidden * 3, bias=False)
         self.to_out = nn.Linear(hidden, dim, bias=out_bias)
 
-    def _normed_qkv(self, x: torch.Tensor):
-        """x `(n c h w)` -> q, k, v each `n h w (heads d)`, computed in the channels-last layout."""
+    def _normed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x `(n c h w)` -> q, k, v packed as `n h w (3 heads d)`, computed in the channels-last layout."""
         t = _to_tokens(x)
         t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
-        return self.to_qkv(t).chunk(3, dim=-1)
+        return self.to_qkv(t)
 
 
 # On CPU, attention over at most this many keys runs as explicit matmuls and softmax (see attend).
@@ -118,13 +118,12 @@ class TemporalAttention(_PreNormAttention):
             # Softmax over a single key is 1, so the output is the value: no attention and no
             # permutes (the common case for image batches). to_qkv is called whole, not sliced,
             # so ZeRO 3 gathers its weight through the usual module hooks.
-            v = self._normed_qkv(x)[2]
+            v = self._normed_qkv(x).chunk(3, dim=-1)[2]
             return x + _from_tokens(self.to_out(v))
         # The projection runs in the channels-last layout, (b f h w) x (3 heads d); one copy then
         # makes each (position, head) a contiguous (frames x d) matrix for q, k and v at once.
-        t = _to_tokens(x)
-        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
-        qkv = rearrange(self.to_qkv(t), "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3, m=self.heads)
+        qkv = rearrange(self._normed_qkv(x), "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3,
+                        m=self.heads)
         q, k, v = qkv.contiguous()
         out = attend(q, k, v, None if pos_bias is None else pos_bias.to(q.dtype))
         if focus_present_mask is not None and bool(focus_present_mask.any()):
@@ -141,7 +140,7 @@ class SpatialAttention(_PreNormAttention):
 
     def forward(self, x):
         q, k, v = (rearrange(t, "n h w (m d) -> n m (h w) d", m=self.heads)
-                   for t in self._normed_qkv(x))
+                   for t in self._normed_qkv(x).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "n m (h w) d -> n h w (m d)", h=x.shape[-2])
         return x + _from_tokens(self.to_out(out))
@@ -160,9 +159,7 @@ class SpatialLinearAttention(_PreNormAttention):
     def forward(self, x):
         # One copy makes q, k and v (n, heads, positions, d) at once; both products below then run
         # as batched matmuls on them (k transposed as a view), with no further permutes.
-        t = _to_tokens(x)
-        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
-        qkv = rearrange(self.to_qkv(t), "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
+        qkv = rearrange(self._normed_qkv(x), "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
         q, k, v = qkv.contiguous()
         # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum
         # over thousands of positions is exact enough without materialising fp32 copies.
