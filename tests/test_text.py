@@ -30,7 +30,14 @@ def test_text_dtype_names_are_checked_and_auto_resolves():
     with pytest.raises(ValueError, match="float32, bfloat16"):
         resolve_text_dtype("bf16", torch.device("cpu"))
     assert resolve_text_dtype("float16", torch.device("cpu")) == "float16"
-    assert resolve_text_dtype("auto", torch.device("cpu")) in TEXT_DTYPES[1:]
+    # auto on CPU: bf16 exactly where the CPU multiplies it natively, as /proc/cpuinfo says.
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        flags = []
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert resolve_text_dtype("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert set(TEXT_DTYPES) == {"auto", "float32", "bfloat16", "float16"}
 
 
 def test_encode_keeps_real_tokens_in_fp16(encoder):
