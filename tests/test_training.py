@@ -36,8 +36,14 @@ def env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
+def shm_segments(port) -> list[str]:
+    """DeepSpeed's CPU allreduce segments in /dev/shm for a run on this master port."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def deepspeed_train(out: Path, shards: Path, *overrides: str, ranks: int = 2, wait: bool = True):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
            str(BIN / "vdm-train"), "--config", str(ROOT / "configs/demo.yaml"), f"data.shards={shards}",
            f"train.output_dir={out}", *TINY, *overrides]
     if not wait:
@@ -45,6 +51,8 @@ def deepspeed_train(out: Path, shards: Path, *overrides: str, ranks: int = 2, wa
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # Each rank's ~66 MiB shared-memory segment is unlinked once all ranks have mapped it.
+    assert shm_segments(port) == [], "DeepSpeed allreduce segments left in /dev/shm"
     return proc.stdout + proc.stderr
 
 
@@ -219,6 +227,7 @@ def test_two_nodes_on_loopback_with_torchrun(shards, tmp_path):
              for rank in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert shm_segments(port) == []
     tag = tmp_path / "checkpoints/step00000002"
     assert json.loads((tag / "COMPLETE").read_text()) == {"step": 2, "world_size": 2}
     assert {p.name for p in tag.glob("rank*.pt")} == {"rank00000.pt", "rank00001.pt"}
