@@ -19,9 +19,10 @@ model FLOPs of one fwd+bwd step without recompute (FlopCounterMode, with CPU fla
 registered), so checkpointing shows as lower MFU.
 
 Roofline: the script also measures the memory bandwidth (a large tensor copy) and counts the
-operand bytes of the step (every input and output of every non-view aten op, in the dtype it ran
-in). bytes / bandwidth is the time this sequence of ops needs just to stream its operands once;
-max(FLOPs / peak, bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
+operand bytes of the step (every input and output of every aten op that moves data, in the dtype
+it ran in; views, aliasing reshapes and bare allocations are not counted). bytes / bandwidth is
+the time this sequence of ops needs just to stream its operands once; max(FLOPs / peak,
+bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
 the highest fraction of the matmul peak this op sequence can reach on this machine.
 """
 
@@ -51,6 +52,8 @@ def register_cpu_flash_flops():
     """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash one; count it the same."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
 
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
     def _fwd(query, key, value, *args, **kwargs):
@@ -100,7 +103,14 @@ def copy_bandwidth(device, mb=512, reps=5):
 
 
 class OperandBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor input and output of each non-view aten op it sees."""
+    """Sums the bytes of every tensor input and output of each aten op it sees that moves data.
+
+    Views are skipped, and so are ops that alias their input without the view flag
+    (`_unsafe_view`, which reshapes a matmul result) or only allocate (`new_empty`, ...).
+    """
+
+    NO_TRAFFIC = {"_unsafe_view", "alias", "detach", "lift_fresh", "empty", "empty_like",
+                  "empty_strided", "new_empty", "new_empty_strided"}
 
     def __init__(self):
         super().__init__()
@@ -108,11 +118,54 @@ class OperandBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:
+        if not func.is_view and func.overloadpacket.__name__ not in self.NO_TRAFFIC:
             tensors = [t for t in tree_leaves((args, kwargs, out))
                        if isinstance(t, torch.Tensor)]
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
+
+
+# Where the step's time goes: aten ops grouped by kind, matched by name prefix in this order.
+OP_CLASSES = (
+    ("convolution", ("aten::convolution", "aten::mkldnn_convolution", "aten::_convolution")),
+    ("matmul", ("aten::mm", "aten::addmm")),
+    ("batched matmul", ("aten::bmm", "aten::baddbmm")),
+    ("fused attention (SDPA)", ("aten::_scaled_dot_product",)),
+    ("layout copies and casts", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack",
+                                 "aten::_to_copy")),
+    ("norms", ("aten::native_group_norm", "aten::native_layer_norm")),
+    ("softmax", ("aten::_softmax",)),
+)
+OTHER = "elementwise and the rest"
+
+
+def op_class(name: str) -> str:
+    """Class of a profiler event name (`aten::mm`) or a FlopCounterMode op (`aten.mm`)."""
+    name = name.replace("aten.", "aten::", 1) if name.startswith("aten.") else name
+    return next((cls for cls, prefixes in OP_CLASSES if name.startswith(prefixes)), OTHER)
+
+
+def time_breakdown(model, inputs, dtype, device, seconds):
+    """One profiled step: {class: [seconds, flops]}, each class's share of the profiled self time
+    scaled to the unprofiled step time, and its FLOPs (FlopCounterMode, per op)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, inputs, dtype)
+        sync(device)
+    spent = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        spent[op_class(e.key)] = spent.get(op_class(e.key), 0) + t
+    total = sum(spent.values())
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, inputs, dtype)
+    flops = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        flops[op_class(str(op))] = flops.get(op_class(str(op)), 0) + n
+    return {c: [seconds * spent.get(c, 0) / total, flops.get(c, 0)] for c in {*spent, *flops}}
 
 
 def resident_bytes(field="VmRSS"):
@@ -204,7 +257,13 @@ def worker(case):
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resident_bytes("VmHWM") - base
-    print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops,
+    breakdown = None
+    if case.get("breakdown"):
+        if case["ckpt"] or case.get("compile"):
+            raise ValueError("the breakdown is for eager steps without checkpointing")
+        register_cpu_flash_flops()
+        breakdown = time_breakdown(model, inputs, dtype, device, min(times))
+    print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops, breakdown=breakdown,
                           operand_bytes=counted and counted.bytes, compile_s=compile_s)))
 
 
@@ -245,7 +304,8 @@ def main():
         for i, (dtype, ckpt) in enumerate([(d, c) for d in DTYPES for c in (False, True)]):
             case = dict(config=config, dtype=dtype, ckpt=ckpt, device=args.device,
                         threads=args.threads, steps=args.steps, count_flops=i == 0,
-                        fixed_frames=fixed_frames, keep_memory=True)
+                        fixed_frames=fixed_frames, keep_memory=True,
+                        breakdown=config == "fixed" and dtype == "bf16" and not ckpt)
             rows.append(run_case(case))
             print(f"  done {config} {dtype} ckpt={ckpt}: {rows[-1]['seconds']:.2f} s/step",
                   file=sys.stderr, flush=True)
@@ -253,8 +313,10 @@ def main():
         for row in rows[-4:]:
             row["flops"] = flops
     if device.type == "cpu":  # the last config's bf16 step with glibc's default: unmap large blocks
-        default_malloc = run_case(dict(rows[-2], keep_memory=False, count_flops=False))
-    compiled = run_case(dict(rows[-2], count_flops=False, compile=True)) if args.compile else None
+        default_malloc = run_case(dict(rows[-2], keep_memory=False, count_flops=False,
+                                       breakdown=False))
+    compiled = run_case(dict(rows[-2], count_flops=False, compile=True, breakdown=False)) \
+        if args.compile else None
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
     peaks = {k: max(peaks[k], peaks_after[k]) for k in peaks}
     bandwidth = max(bandwidth, copy_bandwidth(device))
@@ -303,11 +365,29 @@ def report(rows, peaks, bandwidth, device, args, fixed_frames, load_before, load
               f"checkpointing (bf16) time x{ck['seconds'] / bf16['seconds']:.2f}, "
               f"peak memory x{ck['peak_bytes'] / max(bf16['peak_bytes'], 1):.2f}")
     fixed = by.get(("fixed", "bf16", False))
+    if fixed and fixed.get("breakdown"):
+        print_breakdown(fixed, peaks["bf16"])
     if fixed:
         print(f"summary: fixed config bf16 fwd+bwd reaches {100 * fixed['fraction']:.1f}% of the "
               f"measured bf16 matmul peak (target 35%); streaming its operand bytes once at the "
               f"measured bandwidth caps this op sequence at {100 * fixed['ceiling']:.1f}%, and the step "
               f"runs at {fixed['roofline_s'] / fixed['seconds']:.0%} of that roofline")
+
+
+def print_breakdown(row, peak, target=0.35):
+    """The fixed bf16 step by op class, and what the FLOP-carrying classes alone imply for MFU."""
+    parts = sorted(row["breakdown"].items(), key=lambda kv: -kv[1][0])
+    print(f"where the fixed bf16 step's {row['seconds']:.3f} s go (one profiled step, shares scaled "
+          f"to the unprofiled time):")
+    print(f"  {'op class':26} {'s':>7} {'share':>6} {'GFLOP':>7} {'TFLOP/s':>8} {'% peak':>7}")
+    for cls, (sec, flops) in parts:
+        rate = f"{flops / sec / 1e12:8.3f} {100 * flops / sec / peak:6.1f}%" if flops and sec else ""
+        print(f"  {cls:26} {sec:7.3f} {100 * sec / row['seconds']:5.1f}% {flops / 1e9:7.1f} {rate}")
+    dense = [(sec, fl) for cls, (sec, fl) in parts if cls in ("convolution", "matmul")]
+    dense_s = sum(sec for sec, _ in dense)
+    budget = row["flops"] / (target * peak)
+    print(f"  convolutions and matmuls alone take {dense_s:.3f} s at the rates they reach here; "
+          f"{100 * target:.0f}% of the bf16 peak needs the whole step in {budget:.3f} s")
 
 
 if __name__ == "__main__":

@@ -218,14 +218,22 @@ def test_cpu_attention_path_equals_sdpa():
 
 
 def test_attention_layouts_match_plain_formulas():
-    """The layout-optimised temporal and linear attentions equal the formulas written out plainly."""
+    """The layout-optimised temporal and linear attentions equal the formulas written out plainly,
+    in outputs and in the gradients of input and weights (split_heads has a hand-written backward)."""
     from einops import rearrange
 
     from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
 
     torch.manual_seed(0)
     frames, heads, d = 3, 2, 4
-    x = torch.randn(2 * frames, 6, 5, 4)  # (b f) c h w
+    x = torch.randn(2 * frames, 6, 5, 4, requires_grad=True)  # (b f) c h w
+    upstream = torch.randn(2 * frames, 6, 5, 4)
+
+    def assert_same(mod, got, want):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        wrt = (x, mod.gamma, mod.to_qkv.weight, mod.to_out.weight)
+        for g_got, g_want in zip(torch.autograd.grad(got, wrt, upstream), torch.autograd.grad(want, wrt, upstream)):
+            torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
 
     def normed_qkv(mod):
         t = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), mod.gamma, None, 1e-5)
@@ -237,7 +245,7 @@ def test_attention_layouts_match_plain_formulas():
     attn = (torch.einsum("bhwmie,bhwmje->bhwmij", q, k) * d ** -0.5 + bias).softmax(-1)
     out = rearrange(torch.einsum("bhwmij,bhwmje->bhwmie", attn, v), "b h w m f e -> (b f) h w (m e)")
     want = x + temporal.to_out(out).permute(0, 3, 1, 2)
-    torch.testing.assert_close(temporal(x, frames, bias), want, rtol=1e-5, atol=1e-5)
+    assert_same(temporal, temporal(x, frames, bias), want)
 
     linear = SpatialLinearAttention(6, heads, d)
     q, k, v = normed_qkv(linear)
@@ -245,7 +253,22 @@ def test_attention_layouts_match_plain_formulas():
     context = torch.einsum("nhwmd,nhwme->nmde", k, v)
     out = rearrange(torch.einsum("nmde,nhwmd->nhwme", context, q), "n h w m e -> n h w (m e)")
     want = x + linear.to_out(out).permute(0, 3, 1, 2)
-    torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
+    assert_same(linear, linear(x), want)
+
+
+def test_split_heads_backward_fills_unused_parts_with_zeros():
+    from vdm.model.attention import split_heads
+
+    packed = torch.randn(2, 3, 4, 3 * 2 * 5, requires_grad=True)  # n h w (k m d)
+    q, k, v = split_heads(packed, (2, 3, 4, 3, 2, 5), (3, 0, 4, 1, 2, 5), (2, 2, 12, 5))
+    assert q.is_contiguous() and q.shape == (2, 2, 12, 5)
+    want_q, _, want_v = packed.view(2, 12, 3, 2, 5).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(v, want_v)
+    (q * 2 + v.square()).sum().backward()  # k unused: its gradient arrives as None
+    grad = packed.grad.view(2, 12, 3, 2, 5)
+    torch.testing.assert_close(grad[:, :, 0], torch.full_like(grad[:, :, 0], 2.))
+    assert not grad[:, :, 1].any()
+    torch.testing.assert_close(grad[:, :, 2], 2 * want_v.detach().permute(0, 2, 1, 3))
 
 
 def test_bf16_autocast_forward_backward_finite():

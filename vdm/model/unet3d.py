@@ -117,6 +117,10 @@ class Unet3D(nn.Module):
 
         self.final_block = ResnetBlock(dim, dim, groups=resnet_groups)
         self.final_conv = nn.Conv2d(dim, out_dim or channels, 1)
+        # Conv weights in the activations' channels-last layout: oneDNN then takes them as they
+        # are, and their gradients need no transposing copy into .grad. (Only values are saved:
+        # state dicts are made contiguous before writing.)
+        self.to(memory_format=torch.channels_last)
 
     # conditioning -----------------------------------------------------------------------------
 

@@ -93,6 +93,9 @@ def initialize(module: torch.nn.Module, train: TrainConfig, world_size: int):
     import deepspeed
 
     config = deepspeed_config(train, world_size)
+    # DeepSpeed needs contiguous parameters (it broadcasts them viewed as bytes and flattens them
+    # into its buffers); Unet3D keeps its conv weights channels-last for standalone use.
+    module.to(memory_format=torch.contiguous_format)
     params = [p for p in module.parameters() if p.requires_grad]
 
     def scheduler(optimizer):
