@@ -219,7 +219,7 @@ def test_cpu_attention_path_equals_sdpa():
 
 def test_attention_layouts_match_plain_formulas():
     """The layout-optimised temporal and linear attentions equal the formulas written out plainly,
-    in outputs and in the gradients of input and weights (split_heads has a hand-written backward)."""
+    in outputs and in the gradients of input and weights."""
     from einops import rearrange
 
     from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
@@ -254,21 +254,6 @@ def test_attention_layouts_match_plain_formulas():
     out = rearrange(torch.einsum("nmde,nhwmd->nhwme", context, q), "n h w m e -> n h w (m e)")
     want = x + linear.to_out(out).permute(0, 3, 1, 2)
     assert_same(linear, linear(x), want)
-
-
-def test_split_heads_backward_fills_unused_parts_with_zeros():
-    from vdm.model.attention import split_heads
-
-    packed = torch.randn(2, 3, 4, 3 * 2 * 5, requires_grad=True)  # n h w (k m d)
-    q, k, v = split_heads(packed, (2, 3, 4, 3, 2, 5), (3, 0, 4, 1, 2, 5), (2, 2, 12, 5))
-    assert q.is_contiguous() and q.shape == (2, 2, 12, 5)
-    want_q, _, want_v = packed.view(2, 12, 3, 2, 5).permute(2, 0, 3, 1, 4)
-    torch.testing.assert_close(v, want_v)
-    (q * 2 + v.square()).sum().backward()  # k unused: its gradient arrives as None
-    grad = packed.grad.view(2, 12, 3, 2, 5)
-    torch.testing.assert_close(grad[:, :, 0], torch.full_like(grad[:, :, 0], 2.))
-    assert not grad[:, :, 1].any()
-    torch.testing.assert_close(grad[:, :, 2], 2 * want_v.detach().permute(0, 2, 1, 3))
 
 
 def test_bf16_autocast_forward_backward_finite():

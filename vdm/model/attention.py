@@ -70,38 +70,6 @@ class _PreNormAttention(nn.Module):
         return self.to_qkv(t)
 
 
-class _SplitHeads(torch.autograd.Function):
-    """Packed q/k/v projection -> q, k, v, each contiguous in an attention layout: one copy each way.
-
-    `packed` is viewed as `view_shape`, permuted by `perm` (q/k/v index first) and each of the three
-    is copied out and viewed as `out_shape`. Written with tensor ops, the backward would take two
-    full passes over the packed gradient (stack the three gradients, then copy the stack back
-    through the inverse permutation); here each gradient is written straight into its place.
-    """
-
-    @staticmethod
-    def forward(ctx, packed, view_shape, perm, out_shape):
-        ctx.shape, ctx.view_shape, ctx.perm = packed.shape, view_shape, perm
-        parts = packed.view(view_shape).permute(perm).unbind(0)
-        return tuple(t.contiguous().view(out_shape) for t in parts)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ref = next(g for g in grads if g is not None)
-        grad = ref.new_empty(ctx.view_shape)
-        for dst, g in zip(grad.permute(ctx.perm).unbind(0), grads):
-            if g is None:
-                dst.zero_()
-            else:
-                dst.copy_(g.reshape(dst.shape))
-        return grad.view(ctx.shape), None, None, None
-
-
-def split_heads(packed, view_shape, perm, out_shape):
-    """q, k, v from a packed `(..., 3 * heads * d)` projection; see `_SplitHeads`."""
-    return _SplitHeads.apply(packed, tuple(view_shape), tuple(perm), tuple(out_shape))
-
-
 # On CPU, attention over at most this many keys runs as explicit matmuls and softmax (see attend).
 CPU_EXPLICIT_MAX_KEYS = 256
 
@@ -152,18 +120,18 @@ class TemporalAttention(_PreNormAttention):
             # so ZeRO 3 gathers its weight through the usual module hooks.
             v = self._normed_qkv(x).chunk(3, dim=-1)[2]
             return x + _from_tokens(self.to_out(v))
-        # The projection runs in the channels-last layout, (b f h w) x (3 heads d); one copy each
-        # way (split_heads) makes each (position, head) a contiguous (frames x d) matrix.
-        h, w, m, d = x.shape[-2], x.shape[-1], self.heads, self.dim_head
-        q, k, v = split_heads(self._normed_qkv(x), (b, frames, h, w, 3, m, d),
-                              (4, 0, 2, 3, 5, 1, 6), (b * h * w, m, frames, d))
+        # The projection runs in the channels-last layout, (b f h w) x (3 heads d); one copy then
+        # makes each (position, head) a contiguous (frames x d) matrix for q, k and v at once.
+        qkv = rearrange(self._normed_qkv(x), "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3,
+                        m=self.heads)
+        q, k, v = qkv.contiguous()
         out = attend(q, k, v, None if pos_bias is None else pos_bias.to(q.dtype))
         if focus_present_mask is not None and bool(focus_present_mask.any()):
             keep = rearrange(focus_present_mask, "b -> b 1 1 1 1")
             out = rearrange(out, "(b s) m f d -> b s m f d", b=b)
             out = torch.where(keep, rearrange(v, "(b s) m f d -> b s m f d", b=b), out)
             out = rearrange(out, "b s m f d -> (b s) m f d")
-        out = rearrange(out, "(b h w) m f d -> (b f) h w (m d)", b=b, h=h).contiguous()
+        out = rearrange(out, "(b h w) m f d -> (b f) h w (m d)", b=b, h=x.shape[-2]).contiguous()
         return x + _from_tokens(self.to_out(out))
 
 
@@ -189,11 +157,10 @@ class SpatialLinearAttention(_PreNormAttention):
         super().__init__(dim, heads, dim_head, out_bias=True)
 
     def forward(self, x):
-        # One copy each way (split_heads) makes q, k and v (n, heads, positions, d); both products
-        # below then run as batched matmuls on them (k transposed as a view), with no permutes.
-        n, _, h, w = x.shape
-        q, k, v = split_heads(self._normed_qkv(x), (n, h, w, 3, self.heads, self.dim_head),
-                              (3, 0, 4, 1, 2, 5), (n, self.heads, h * w, self.dim_head))
+        # One copy makes q, k and v (n, heads, positions, d) at once; both products below then run
+        # as batched matmuls on them (k transposed as a view), with no further permutes.
+        qkv = rearrange(self._normed_qkv(x), "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
+        q, k, v = qkv.contiguous()
         # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum
         # over thousands of positions is exact enough without materialising fp32 copies.
         q = q.softmax(dim=-1)
