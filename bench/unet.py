@@ -24,6 +24,11 @@ it ran in; views, aliasing reshapes and bare allocations are not counted). bytes
 the time this sequence of ops needs just to stream its operands once; max(FLOPs / peak,
 bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
 the highest fraction of the matmul peak this op sequence can reach on this machine.
+
+Breakdown: for the fixed bf16 step, one profiled step split by op class (convolution, matmul,
+batched matmul, layout copies and casts, norms, softmax, the rest), each class's share scaled to
+the unprofiled step time, with the FLOP rate of the classes that carry FLOPs, and the time the
+dense classes alone take against the time the whole step may take at 35% of the peak.
 """
 
 import argparse
@@ -282,7 +287,7 @@ def main():
     parser.add_argument("--configs", default="tiny,fixed")
     parser.add_argument("--full", action="store_true", help="CPU: 16 frames for `fixed`")
     parser.add_argument("--frames", type=int, help="override the fixed config's frame count")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per case (min taken)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (min taken)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the last config's bf16 step under torch.compile")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
