@@ -121,17 +121,19 @@ def shm_allreduce_segment(rank: int, environ) -> Path:
 def init_distributed() -> None:
     """Start the process group (gloo on CPU, NCCL on GPU), chosen by DeepSpeed's accelerator.
 
-    Then, once every rank has mapped every other rank's allreduce segment (a barrier), each rank
-    unlinks its own: the mappings stay valid and the memory is freed when the processes exit,
-    even if they are killed.
+    On CPU, once every rank has mapped every other rank's allreduce segment (a barrier), each
+    rank unlinks its own: the mappings stay valid and the memory is freed when the processes
+    exit, even if they are killed. (GPU accelerators have no such segment, and a NCCL barrier
+    here would run before DeepSpeed picks each rank's device.)
     """
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed()
-    import torch.distributed as dist
-
-    dist.barrier()
-    shm_allreduce_segment(dist.get_rank(), os.environ).unlink(missing_ok=True)
+    if get_accelerator().device_name() == "cpu":
+        dist.barrier()
+        shm_allreduce_segment(dist.get_rank(), os.environ).unlink(missing_ok=True)
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
