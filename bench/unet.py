@@ -162,14 +162,16 @@ def time_breakdown(model, inputs, dtype, device, seconds):
         sync(device)
     spent = {}
     for e in prof.key_averages():
-        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        spent[op_class(e.key)] = spent.get(op_class(e.key), 0) + t
+        cls = op_class(e.key)
+        spent[cls] = spent.get(cls, 0) + (e.self_device_time_total if device.type == "cuda"
+                                          else e.self_cpu_time_total)
     total = sum(spent.values())
     with FlopCounterMode(display=False) as counter:
         train_step(model, inputs, dtype)
     flops = {}
     for op, n in counter.get_flop_counts()["Global"].items():
-        flops[op_class(str(op))] = flops.get(op_class(str(op)), 0) + n
+        cls = op_class(str(op))
+        flops[cls] = flops.get(cls, 0) + n
     return {c: [seconds * spent.get(c, 0) / total, flops.get(c, 0)] for c in {*spent, *flops}}
 
 
@@ -388,8 +390,7 @@ def print_breakdown(row, peak, target=0.35):
     for cls, (sec, flops) in parts:
         rate = f"{flops / sec / 1e12:8.3f} {100 * flops / sec / peak:6.1f}%" if flops and sec else ""
         print(f"  {cls:26} {sec:7.3f} {100 * sec / row['seconds']:5.1f}% {flops / 1e9:7.1f} {rate}")
-    dense = [(sec, fl) for cls, (sec, fl) in parts if cls in ("convolution", "matmul")]
-    dense_s = sum(sec for sec, _ in dense)
+    dense_s = sum(sec for cls, (sec, _) in parts if cls in ("convolution", "matmul"))
     budget = row["flops"] / (target * peak)
     print(f"  convolutions and matmuls alone take {dense_s:.3f} s at the rates they reach here; "
           f"{100 * target:.0f}% of the bf16 peak needs the whole step in {budget:.3f} s")
