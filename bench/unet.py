@@ -33,6 +33,7 @@ dense classes alone take against the time the whole step may take at 35% of the 
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,11 +55,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def register_cpu_flash_flops():
-    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash one; count it the same."""
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash one, nor vdm's fused CPU
+    temporal attention; count both as SDPA (the kernel's backward recompute is not counted)."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
         return
+    from vdm.model import cpu_kernels
+    if cpu_kernels.available():
+        ops = torch.ops.vdm_cpu
+
+        def sdpa_shape(qkv, frames, heads):  # as (positions, heads, frames, dim_head)
+            dim_head = qkv[-1] // (3 * heads)
+            positions = qkv[0] // frames * (math.prod(qkv) // (qkv[0] * qkv[-1]))
+            return positions, heads, frames, dim_head
+
+        @fc.register_flop_formula(ops.temporal_attention_forward, get_raw=True)
+        def _kernel_fwd(qkv, bias, frames, heads, *args, **kwargs):
+            shape = sdpa_shape(qkv.shape, frames, heads)
+            return fc.sdpa_flop_count(shape, shape, shape)
+
+        @fc.register_flop_formula(ops.temporal_attention_backward, get_raw=True)
+        def _kernel_bwd(grad_out, qkv, bias, frames, heads, *args, **kwargs):
+            shape = sdpa_shape(qkv.shape, frames, heads)
+            return fc.sdpa_backward_flop_count(shape, shape, shape, shape)
 
     @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
     def _fwd(query, key, value, *args, **kwargs):
@@ -136,6 +156,7 @@ OP_CLASSES = (
     ("matmul", ("aten::mm", "aten::addmm")),
     ("batched matmul", ("aten::bmm", "aten::baddbmm")),
     ("fused attention (SDPA)", ("aten::_scaled_dot_product",)),
+    ("temporal attention kernel", ("vdm_cpu::",)),
     ("layout copies and casts", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack",
                                  "aten::_to_copy")),
     ("norms", ("aten::native_group_norm", "aten::native_layer_norm")),
@@ -146,7 +167,9 @@ OTHER = "elementwise and the rest"
 
 def op_class(name: str) -> str:
     """Class of a profiler event name (`aten::mm`) or a FlopCounterMode op (`aten.mm`)."""
-    name = name.replace("aten.", "aten::", 1) if name.startswith("aten.") else name
+    for namespace in ("aten", "vdm_cpu"):
+        if name.startswith(namespace + "."):
+            name = name.replace(".", "::", 1)
     return next((cls for cls, prefixes in OP_CLASSES if name.startswith(prefixes)), OTHER)
 
 

@@ -1,4 +1,6 @@
-"""Space-time factored attention for the Unet3D; every softmax attention goes through SDPA.
+"""Space-time factored attention for the Unet3D; softmax attention goes through SDPA, except on
+CPU: the temporal attention runs a fused kernel (cpu_kernels.py) and attention over few keys runs
+explicitly (see attend); tests check every path against SDPA or the plain formula.
 
 All modules take and return the internal layout `(b f) c h w` (channels-last memory) and are
 pre-norm residual blocks: `x + attn(norm(x))`. Frames mix only in `TemporalAttention`.
@@ -10,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from vdm.model import cpu_kernels
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +124,17 @@ class TemporalAttention(_PreNormAttention):
             # so ZeRO 3 gathers its weight through the usual module hooks.
             v = self._normed_qkv(x).chunk(3, dim=-1)[2]
             return x + _from_tokens(self.to_out(v))
-        # The projection runs in the channels-last layout, (b f h w) x (3 heads d); one copy then
-        # makes each (position, head) a contiguous (frames x d) matrix for q, k and v at once.
-        qkv = rearrange(self._normed_qkv(x), "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3,
-                        m=self.heads)
+        qkv = self._normed_qkv(x)  # (b f) h w (3 heads d), in the channels-last layout
+        if cpu_kernels.use_temporal_kernel(qkv, self.dim_head):
+            # Fused CPU kernel: reads q, k, v from qkv as they are, writes (b f) h w (heads d).
+            out = cpu_kernels.temporal_attention(qkv, pos_bias, frames, self.heads)
+            if focus_present_mask is not None and bool(focus_present_mask.any()):
+                keep = rearrange(focus_present_mask.repeat_interleave(frames), "n -> n 1 1 1")
+                out = torch.where(keep, qkv[..., 2 * out.shape[-1]:], out)
+            return x + _from_tokens(self.to_out(out))
+        # PyTorch path: one copy makes each (position, head) a contiguous (frames x d) matrix for
+        # q, k and v at once.
+        qkv = rearrange(qkv, "(b f) h w (k m d) -> k (b h w) m f d", f=frames, k=3, m=self.heads)
         q, k, v = qkv.contiguous()
         out = attend(q, k, v, None if pos_bias is None else pos_bias.to(q.dtype))
         if focus_present_mask is not None and bool(focus_present_mask.any()):

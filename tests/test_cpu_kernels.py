@@ -1,0 +1,114 @@
+"""The fused CPU temporal-attention kernel against the formula, and inside the model."""
+
+import pytest
+import torch
+from einops import rearrange
+
+from vdm.model import cpu_kernels
+from vdm.model.attention import RelativePositionBias, TemporalAttention
+
+
+def reference(qkv, bias, frames, heads):
+    """softmax(q k^T / sqrt(d) + bias) v per position and head, written out in fp64."""
+    q, k, v = rearrange(qkv.double(), "(b f) n (k m d) -> k b n m f d", f=frames, k=3, m=heads)
+    scores = torch.einsum("bnmid,bnmjd->bnmij", q, k) * q.shape[-1] ** -0.5 + bias.double()
+    out = torch.einsum("bnmij,bnmjd->bnmid", scores.softmax(-1), v)
+    return rearrange(out, "b n m f d -> (b f) n (m d)")
+
+
+def test_kernel_is_built_here():
+    # CI machines have a compiler: the tests below must exercise the kernel, not skip it.
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("frames,dim_head", [(1, 16), (3, 16), (16, 32), (17, 16), (5, 64)])
+def test_temporal_kernel_matches_formula_with_gradients(frames, dim_head):
+    torch.manual_seed(frames)
+    heads, b, n = 2, 2, 6
+    qkv = torch.randn(b * frames, n, 3 * heads * dim_head, requires_grad=True)
+    bias = torch.randn(heads, frames, frames, requires_grad=True)
+    grad = torch.randn(b * frames, n, heads * dim_head)
+
+    out = cpu_kernels.temporal_attention(qkv, bias, frames, heads)
+    out.backward(grad)
+    got = out, qkv.grad, bias.grad
+    qkv.grad = bias.grad = None
+    ref = reference(qkv, bias, frames, heads)
+    ref.backward(grad.double())
+    for g, r in zip(got, (ref, qkv.grad, bias.grad)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_temporal_kernel_gradcheck_fp64():
+    torch.manual_seed(0)
+    frames, heads, dim_head = 3, 2, 16
+    qkv = torch.randn(frames, 2, 3 * heads * dim_head, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(heads, frames, frames, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, c: cpu_kernels.temporal_attention(a, c, frames, heads), (qkv, bias))
+
+
+def test_temporal_kernel_bf16_close_to_fp32():
+    # bf16 in and out, fp32 inside: within bf16 rounding of the exact result on the same inputs.
+    torch.manual_seed(0)
+    frames, heads, dim_head = 8, 4, 32
+    qkv = torch.randn(2 * frames, 64, 3 * heads * dim_head).bfloat16().requires_grad_()
+    bias = torch.randn(heads, frames, frames, requires_grad=True)
+    out = cpu_kernels.temporal_attention(qkv, bias, frames, heads)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref_bias = bias.detach().double().requires_grad_()
+    ref = reference(ref_qkv, ref_bias, frames, heads)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(qkv.grad.double(), ref_qkv.grad, atol=6e-2, rtol=2e-2)
+    rel = (bias.grad.double() - ref_bias.grad).norm() / ref_bias.grad.norm()
+    assert rel < 1e-2
+
+
+def test_temporal_kernel_rejects_bad_shapes():
+    qkv = torch.randn(6, 4, 3 * 2 * 16)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        cpu_kernels.temporal_attention(qkv, torch.zeros(2, 2, 2), 3, 2)
+    with pytest.raises(RuntimeError, match="batch \\* frames"):
+        cpu_kernels.temporal_attention(qkv, torch.zeros(2, 4, 4), 4, 2)
+    with pytest.raises(RuntimeError, match="dim_head must be"):
+        cpu_kernels.temporal_attention(torch.randn(6, 4, 3 * 2 * 8), torch.zeros(2, 3, 3), 3, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temporal_attention_module_same_with_and_without_kernel(monkeypatch, dtype):
+    """TemporalAttention on the kernel equals its PyTorch path (outputs and every gradient),
+    with some samples focused on the present frame."""
+    torch.manual_seed(0)
+    frames, b = 5, 3
+    attn = TemporalAttention(32, heads=4, dim_head=16)
+    pos = RelativePositionBias(heads=4)
+    x = torch.randn(b * frames, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    focus = torch.tensor([False, True, False])
+
+    def run():
+        attn.zero_grad()
+        pos.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = attn(xi, frames, pos(frames, x.device), focus)
+        out.float().square().mean().backward()
+        params = [p.grad.clone() for p in (*attn.parameters(), *pos.parameters())]
+        return [out.float(), xi.grad, *params]
+
+    assert cpu_kernels.use_temporal_kernel(x, attn.dim_head)
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, "use_temporal_kernel", lambda *args: False)
+    plain = run()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, c in zip(fused, plain):
+        torch.testing.assert_close(a, c, **tol)
+
+
+def test_unsupported_dim_head_uses_pytorch_path():
+    x = torch.randn(2, 8)
+    assert not cpu_kernels.use_temporal_kernel(x, 8)
+    assert cpu_kernels.use_temporal_kernel(x, 32)
