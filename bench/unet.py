@@ -26,8 +26,8 @@ bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
 the highest fraction of the matmul peak this op sequence can reach on this machine.
 
 Breakdown: for the fixed bf16 step, one profiled step split by op class (convolution, matmul,
-batched matmul, layout copies and casts, norms, softmax, the rest), each class's share scaled to
-the unprofiled step time, with the FLOP rate of the classes that carry FLOPs, and the time the
+batched matmul, layout copies and casts, norms, softmax, vdm's fused CPU kernels, the rest),
+each class's share scaled to the unprofiled step time, with the FLOP rate of the classes that carry FLOPs, and the time the
 dense classes alone take against the time the whole step may take at 35% of the peak.
 """
 
@@ -156,7 +156,8 @@ OP_CLASSES = (
     ("matmul", ("aten::mm", "aten::addmm")),
     ("batched matmul", ("aten::bmm", "aten::baddbmm")),
     ("fused attention (SDPA)", ("aten::_scaled_dot_product",)),
-    ("temporal attention kernel", ("vdm_cpu::",)),
+    ("temporal attention kernel", ("vdm_cpu::temporal_attention",)),
+    ("GroupNorm+SiLU kernel", ("vdm_cpu::gn_silu",)),
     ("layout copies and casts", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack",
                                  "aten::_to_copy")),
     ("norms", ("aten::native_group_norm", "aten::native_layer_norm")),

@@ -1,11 +1,13 @@
-"""The fused CPU temporal-attention kernel against the formula, and inside the model."""
+"""The fused CPU kernels (temporal attention; GroupNorm + scale-shift + SiLU) against the formula
+or the PyTorch ops, alone and inside the model."""
 
 import pytest
 import torch
 from einops import rearrange
 
-from vdm.model import cpu_kernels
+from vdm.model import Unet3D, cpu_kernels
 from vdm.model.attention import RelativePositionBias, TemporalAttention
+from vdm.model.layers import GroupNormSiLU
 
 
 def reference(qkv, bias, frames, heads):
@@ -112,3 +114,90 @@ def test_unsupported_dim_head_uses_pytorch_path():
     x = torch.randn(2, 8)
     assert not cpu_kernels.use_temporal_kernel(x, 8)
     assert cpu_kernels.use_temporal_kernel(x, 32)
+
+
+def group_norm_silu_inputs(dtype, n=3, c=24, seed=0):
+    """x far from zero mean (the variance must not cancel), channels not a multiple of 16."""
+    torch.manual_seed(seed)
+    x = (torch.randn(n, c, 5, 7, dtype=dtype) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    scale = torch.randn(n, c, 1, 1, dtype=dtype)
+    shift = torch.randn(n, c, 1, 1, dtype=dtype)
+    return x.requires_grad_(), scale.requires_grad_(), shift.requires_grad_()
+
+
+@pytest.mark.parametrize("with_scale_shift", [True, False])
+def test_group_norm_silu_kernel_matches_pytorch_with_gradients(monkeypatch, with_scale_shift):
+    norm = GroupNormSiLU(4, 24)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, scale, shift = group_norm_silu_inputs(torch.float32)
+    if not with_scale_shift:
+        scale = shift = None
+    leaves = [t for t in (x, scale, shift, norm.weight, norm.bias) if t is not None]
+    weights = torch.randn(x.shape)
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = norm(x, scale, shift)
+        (out * weights).sum().backward()
+        return [out.detach(), *(t.grad.clone() for t in leaves)]
+
+    assert cpu_kernels.use_fused_norm(x)
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, "use_fused_norm", lambda x: False)
+    plain = run()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_group_norm_silu_kernel_gradcheck_fp64():
+    x, scale, shift = group_norm_silu_inputs(torch.float64, n=2, c=8)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: cpu_kernels.group_norm_silu(a[0], a[1], a[2], 2, 1e-5, a[3], a[4]),
+        (x, weight, bias, scale, shift))
+
+
+def test_group_norm_silu_kernel_bf16():
+    # bf16 in and out, fp32 inside: within bf16 rounding of the fp32 PyTorch ops.
+    x, scale, shift = group_norm_silu_inputs(torch.float32, n=4, c=64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    out = cpu_kernels.group_norm_silu(x.bfloat16(), weight, bias, 8, 1e-5, scale, shift)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.silu(torch.addcmul(
+        shift, torch.nn.functional.group_norm(x.bfloat16().float(), 8, weight, bias), scale + 1))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=1e-2)
+
+
+def test_group_norm_silu_needs_channels_last():
+    x = torch.randn(2, 8, 4, 4)
+    assert not cpu_kernels.use_fused_norm(x)
+    assert cpu_kernels.use_fused_norm(x.contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="channels-last"):
+        cpu_kernels.group_norm_silu(x, torch.ones(8), torch.zeros(8), 2, 1e-5)
+
+
+def test_unet_same_with_and_without_cpu_kernels(monkeypatch):
+    """The whole model (both kernels, text, a focused sample): same outputs and gradients."""
+    torch.manual_seed(0)
+    model = Unet3D(dim=16, dim_mults=(1, 2), attn_heads=2, attn_dim_head=16, cond_dim=32)
+    x = torch.randn(2, 3, 5, 16, 16)
+    t = torch.tensor([3, 500])
+    cond = torch.randn(2, 4, 32)
+    focus = torch.tensor([False, True])
+
+    def run():
+        model.zero_grad()
+        out = model(x, t, cond, null_mask=torch.tensor([False, True]), focus_present_mask=focus)
+        out.square().mean().backward()
+        return [out.detach(), *(p.grad.clone() for p in model.parameters())]
+
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    plain = run()
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

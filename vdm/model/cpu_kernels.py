@@ -1,8 +1,12 @@
 """Fused CPU kernels for the Unet3D, built on first use with torch's C++ extension loader.
 
-`temporal_attention(qkv, bias, frames, heads)` is the temporal attention core: softmax(q k^T /
-sqrt(d) + bias) v over the frames at every position and head, reading the packed q/k/v
-projection as it is and writing the layout the output projection reads (csrc/ explains why).
+- `temporal_attention(qkv, bias, frames, heads)`: the temporal attention core, softmax(q k^T /
+  sqrt(d) + bias) v over the frames at every position and head, reading the packed q/k/v
+  projection as it is and writing the layout the output projection reads.
+- `group_norm_silu(x, weight, bias, groups, eps, scale, shift)`: silu((GroupNorm(x) * weight +
+  bias) * (1 + scale) + shift), the tail of every ResNet block's conv, in one pass each way.
+
+Both compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
 
 The kernel is compiled once per CPU type into torch's extension cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions), as DeepSpeed builds its CPU ops; concurrent processes wait
@@ -20,14 +24,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "temporal_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "temporal_attention.cpp", _CSRC / "group_norm_silu.cpp"]
 _state = {}
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's model and flags: the build uses -march=native, so a cache shared
-    by different machines keeps one build per CPU type."""
-    info = platform.machine()
+def _build_tag() -> str:
+    """A short hash of the kernels' sources (headers included, which torch's loader does not
+    hash) and of the CPU's model and flags: the build uses -march=native, so a cache shared by
+    different machines keeps one build per CPU type."""
+    info = platform.machine() + "".join(p.read_text() for p in sorted(_CSRC.iterdir()))
     try:
         with open("/proc/cpuinfo") as f:
             info += "".join(line for line in f
@@ -42,11 +48,12 @@ def _load() -> bool:
     flags = ["-O3", "-march=native", "-fopenmp"]
     log.info("loading the vdm CPU kernels (the first time on a machine, this builds them: ~20 s)")
     try:
-        load(name=f"vdm_cpu_kernels_{_cpu_tag()}", sources=[str(_SOURCE)], extra_cflags=flags,
+        load(name=f"vdm_cpu_kernels_{_build_tag()}", sources=[str(p) for p in _SOURCES],
+             extra_cflags=flags,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, an unsupported platform: fall back
-        log.warning("vdm CPU kernels unavailable (%s: %s); using the PyTorch path",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("vdm CPU kernels unavailable, using the PyTorch path: %s: %s",
+                    type(e).__name__, str(e)[-2000:])
         return False
     return True
 
@@ -82,6 +89,51 @@ class _TemporalAttention(torch.autograd.Function):
         grad_qkv, grad_bias = torch.ops.vdm_cpu.temporal_attention_backward(
             grad_out.contiguous().to(qkv.dtype), qkv, bias, *ctx.args)
         return grad_qkv, grad_bias, None, None, None
+
+
+def use_fused_norm(x: torch.Tensor) -> bool:
+    """Whether GroupNormSiLU takes the fused kernel: a CPU tensor in channels-last memory, outside
+    torch.compile, once the kernels are built."""
+    return (x.device.type == "cpu" and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and available())
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, out_dtype):
+        out, mean, rstd = torch.ops.vdm_cpu.gn_silu_forward(x, weight, bias, scale, shift, groups,
+                                                            eps, out_dtype)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.groups = groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *saved, = ctx.saved_tensors
+        grads = torch.ops.vdm_cpu.gn_silu_backward(
+            grad_out.contiguous(memory_format=torch.channels_last), *saved, ctx.groups)
+        return (*grads, None, None, None)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                    eps: float, scale: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None, out_dtype=None) -> torch.Tensor:
+    """silu((group_norm(x) * weight + bias) * (1 + scale) + shift) for x `(n, c, h, w)` in
+    channels-last memory; scale and shift broadcast as `(n, c, 1, 1)` (None: 0). The result is
+    in `out_dtype` (x's dtype by default; float32 is allowed for bf16/fp16 x). Needs
+    `available()`."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, c = x.shape[:2]
+
+    def per_sample(t):
+        if t is None:
+            return torch.zeros(n, c, dtype=acc, device=x.device)
+        return t.expand(n, c, 1, 1).reshape(n, c).to(acc).contiguous()
+
+    return _GroupNormSiLU.apply(x, weight.to(acc).contiguous(), bias.to(acc).contiguous(),
+                                per_sample(scale), per_sample(shift), groups, eps,
+                                out_dtype or x.dtype)
 
 
 def temporal_attention(qkv: torch.Tensor, bias: torch.Tensor | None, frames: int,

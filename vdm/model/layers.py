@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vdm.model import cpu_kernels
+
 
 class SinusoidalPosEmb(nn.Module):
     """Sinusoidal embedding of diffusion timesteps, `(b,) -> (b, dim)`, always in fp32."""
@@ -48,6 +50,22 @@ class ChannelLayerNorm(nn.Module):
         return rearrange(x, "n h w c -> n c h w")
 
 
+class GroupNormSiLU(nn.GroupNorm):
+    """silu(GroupNorm(x) * (1 + scale) + shift): on CPU one fused kernel each way (cpu_kernels),
+    elsewhere the PyTorch ops. A GroupNorm subclass, so its parameters and their names are
+    GroupNorm's (and ZeRO 3 gathers them through this module's own hooks)."""
+
+    def forward(self, x, scale=None, shift=None):
+        if cpu_kernels.use_fused_norm(x):
+            # In x's dtype, as the PyTorch path under CPU autocast (whose GroupNorm keeps bf16).
+            return cpu_kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups,
+                                               self.eps, scale, shift)
+        x = super().forward(x)
+        if scale is not None:
+            x = torch.addcmul(shift, x, scale + 1)
+        return F.silu(x)
+
+
 class Block(nn.Module):
     """Spatial 3x3 conv -> GroupNorm (per frame) -> optional scale-shift -> SiLU."""
 
@@ -56,14 +74,11 @@ class Block(nn.Module):
         if dim_out % groups:
             raise ValueError(f"resnet_groups={groups} must divide the block width {dim_out}")
         self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, dim_out)
+        self.norm = GroupNormSiLU(groups, dim_out)
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
-        x = self.norm(self.proj(x))
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = torch.addcmul(shift, x, scale + 1)
-        return F.silu(x)
+        scale, shift = scale_shift if scale_shift is not None else (None, None)
+        return self.norm(self.proj(x), scale, shift)
 
 
 class ResnetBlock(nn.Module):
