@@ -201,3 +201,25 @@ def test_unet_same_with_and_without_cpu_kernels(monkeypatch):
     assert len(fused) == len(plain)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path, caplog):
+    """No compiler, or a source that does not build: a warning, and the model's PyTorch path."""
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "_CSRC", tmp_path)
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", [tmp_path / "broken.cpp"])
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    with caplog.at_level("WARNING", logger="vdm.model.cpu_kernels"):
+        assert not cpu_kernels.available()
+    assert "using the PyTorch path" in caplog.text
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert not cpu_kernels.use_fused_norm(x)
+    assert not cpu_kernels.use_temporal_kernel(x, 32)
+    block = TemporalAttention(16, heads=2, dim_head=16)
+    assert block(x, 2).shape == x.shape  # runs on the PyTorch path
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("VDM_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert not cpu_kernels.available()
