@@ -223,3 +223,28 @@ def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("VDM_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_kernels, "_state", {})
     assert not cpu_kernels.available()
+
+
+def test_unet_in_pure_bf16_close_with_and_without_cpu_kernels(monkeypatch):
+    """As the trainer runs DeepSpeed's bf16 mode (bf16 weights, under autocast): the kernels, which
+    compute in fp32 inside, stay within bf16 rounding of the PyTorch ops."""
+    torch.manual_seed(0)
+    model = Unet3D(dim=16, dim_mults=(1, 2), attn_heads=2, attn_dim_head=16, cond_dim=32)
+    model = model.bfloat16()
+    x = torch.randn(2, 3, 4, 16, 16).bfloat16()
+    t = torch.tensor([3, 500])
+    cond = torch.randn(2, 4, 32).bfloat16()
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, cond)
+        out.float().square().mean().backward()
+        return out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    out, grads = run()
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    ref_out, ref_grads = run()
+    assert out.dtype == ref_out.dtype
+    assert (out - ref_out).norm() / ref_out.norm() < 0.03
+    assert (grads - ref_grads).norm() / ref_grads.norm() < 0.05
