@@ -66,7 +66,9 @@ inline Simd<float>::V exp_clamped(Simd<float>::V x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const IntV bits = (__builtin_convertvector(n, IntV) + 127) << 23;
-  return p * reinterpret_cast<const V&>(bits);
+  V two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));  // the bits as floats, without aliasing
+  return p * two_n;
 }
 inline Simd<double>::V exp_clamped(Simd<double>::V x) {  // fp64 (gradcheck): libm
   for (int j = 0; j < Simd<double>::kLanes; ++j) x[j] = std::exp(x[j]);

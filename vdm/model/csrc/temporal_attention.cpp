@@ -198,11 +198,27 @@ inline void softmax_keys(acc_t* st, const acc_t* bias_t, acc_t scale, int64_t f,
   }
 }
 
+// Loads task t's q, k, v rows and q's transpose, and sets pt to its probabilities, transposed:
+// the forward's start, and the backward's recomputation.
+template <int D, typename scalar_t, typename acc_t>
+inline void probabilities(const scalar_t* qkv, const Shape& s, int64_t t, int64_t fp,
+                          const acc_t* bias_t, acc_t scale, acc_t* q, acc_t* k, acc_t* v,
+                          acc_t* qt, acc_t* pt) {
+  const int64_t f = s.frames, md = s.heads * D;
+  const scalar_t* src = qkv + s.qkv_offset(t);
+  load_rows<D>(src, s.qkv_frame_stride(), f, q);
+  load_rows<D>(src + md, s.qkv_frame_stride(), f, k);
+  load_rows<D>(src + 2 * md, s.qkv_frame_stride(), f, v);
+  transpose<D>(q, fp, qt);
+  dots<D>(k, qt, f, fp, pt);  // pt[j][i] = k_j . q_i
+  softmax_keys(pt, bias_t + (t % s.heads) * f * fp, scale, f, fp);
+}
+
 template <int D, typename scalar_t>
 void forward_kernel(const scalar_t* qkv, const at::opmath_type<scalar_t>* bias_t, scalar_t* out,
                     const Shape& s, double scale_) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t f = s.frames, fp = padded(f, Simd<acc_t>::kLanes), md = s.heads * D;
+  const int64_t f = s.frames, fp = padded(f, Simd<acc_t>::kLanes);
   const acc_t scale = static_cast<acc_t>(scale_);
   at::parallel_for(0, s.tasks(), 64, [&](int64_t begin, int64_t end) {
     // q has fp rows; the padding rows stay zero, as do the padding columns of its transpose.
@@ -210,13 +226,7 @@ void forward_kernel(const scalar_t* qkv, const at::opmath_type<scalar_t>* bias_t
     acc_t *k = buf.data(), *v = k + f * D, *o = v + f * D, *q = o + f * D, *qt = q + fp * D,
           *pt = qt + D * fp;
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* src = qkv + s.qkv_offset(t);
-      load_rows<D>(src, s.qkv_frame_stride(), f, q);
-      load_rows<D>(src + md, s.qkv_frame_stride(), f, k);
-      load_rows<D>(src + 2 * md, s.qkv_frame_stride(), f, v);
-      transpose<D>(q, fp, qt);
-      dots<D>(k, qt, f, fp, pt);  // pt[j][i] = k_j . q_i
-      softmax_keys(pt, bias_t + (t % s.heads) * f * fp, scale, f, fp);
+      probabilities<D>(qkv, s, t, fp, bias_t, scale, q, k, v, qt, pt);
       combine<D>(pt, 1, fp, v, f, acc_t(1), o);  // o_i = sum_j p_ij v_j
       store_rows<D>(o, f, out + s.out_offset(t), s.out_frame_stride());
     }
@@ -242,15 +252,9 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* qkv,
           *q = gv + f * D, *go = q + fp * D, *qt = go + fp * D, *got = qt + D * fp,
           *pt = got + D * fp, *gst = pt + f * fp;
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* src = qkv + s.qkv_offset(t);
-      load_rows<D>(src, s.qkv_frame_stride(), f, q);
-      load_rows<D>(src + md, s.qkv_frame_stride(), f, k);
-      load_rows<D>(src + 2 * md, s.qkv_frame_stride(), f, v);
+      probabilities<D>(qkv, s, t, fp, bias_t, scale, q, k, v, qt, pt);  // recomputed
       load_rows<D>(grad_out + s.out_offset(t), s.out_frame_stride(), f, go);
-      transpose<D>(q, fp, qt);
       transpose<D>(go, fp, got);
-      dots<D>(k, qt, f, fp, pt);  // recompute the probabilities
-      softmax_keys(pt, bias_t + (t % s.heads) * f * fp, scale, f, fp);
       dots<D>(v, got, f, fp, gst);  // d(loss)/d(p_ij), transposed: v_j . go_i
       // Through the softmax: ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij'), per query lane; the
       // bias takes ds as it is.
