@@ -25,6 +25,9 @@ the time this sequence of ops needs just to stream its operands once; max(FLOPs 
 bytes / bandwidth) is its roofline time, and FLOPs / peak over that time is
 the highest fraction of the matmul peak this op sequence can reach on this machine.
 
+Kernels: on CPU, the fixed bf16 step with vdm's fused CPU kernels on and off (the PyTorch path),
+alternating steps in one process.
+
 Breakdown: for the fixed bf16 step, one profiled step split by op class (convolution, matmul,
 batched matmul, layout copies and casts, norms, softmax, vdm's fused CPU kernels, the rest),
 each class's share scaled to the unprofiled step time, with the FLOP rate of the classes that carry FLOPs, and the time the
@@ -250,6 +253,8 @@ def worker(case):
     model, inputs = build(case["config"], device)
     model.gradient_checkpointing = case["ckpt"]
     dtype = DTYPES[case["dtype"]]
+    if case.get("kernels_ab"):
+        return kernels_ab(model, inputs, dtype, case["steps"])
     flops = None
     if case["count_flops"]:
         from torch.utils.flop_counter import FlopCounterMode
@@ -296,6 +301,23 @@ def worker(case):
         breakdown = time_breakdown(model, inputs, dtype, device, min(times))
     print(json.dumps(dict(case, seconds=min(times), peak_bytes=peak, flops=flops, breakdown=breakdown,
                           operand_bytes=counted and counted.bytes, compile_s=compile_s)))
+
+
+def kernels_ab(model, inputs, dtype, pairs):
+    """vdm's fused CPU kernels on vs off (the PyTorch path), alternating steps on one model and
+    input so that both see the same host; prints the best step of each as JSON."""
+    from vdm.model import cpu_kernels
+    if not cpu_kernels.available():
+        raise RuntimeError("the vdm CPU kernels did not build here")
+    times = {True: [], False: []}
+    for i in range(pairs + 1):  # the first pair warms both paths up
+        for on in (True, False):
+            cpu_kernels._state["ok"] = on
+            start = time.perf_counter()
+            train_step(model, inputs, dtype)
+            if i:
+                times[on].append(time.perf_counter() - start)
+    print(json.dumps(dict(on=min(times[True]), off=min(times[False]))))
 
 
 def run_case(case):
@@ -346,6 +368,7 @@ def main():
     if device.type == "cpu":  # the last config's bf16 step with glibc's default: unmap large blocks
         default_malloc = run_case(dict(rows[-2], keep_memory=False, count_flops=False,
                                        breakdown=False))
+        kernels = run_case(dict(rows[-2], count_flops=False, breakdown=False, kernels_ab=True))
     compiled = run_case(dict(rows[-2], count_flops=False, compile=True, breakdown=False)) \
         if args.compile else None
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
@@ -357,6 +380,9 @@ def main():
         print(f"  {kept['config']}: keeping freed memory (vdm.runtime.keep_freed_memory) vs glibc's default: "
               f"{default_malloc['seconds']:.3f} -> {kept['seconds']:.3f} s/step, "
               f"{default_malloc['seconds'] / kept['seconds']:.2f}x")
+        print(f"  {kept['config']}: vdm's fused CPU kernels (vdm/model/csrc) on vs off, alternating "
+              f"bf16 steps: {kernels['off']:.3f} -> {kernels['on']:.3f} s/step, "
+              f"{kernels['off'] / kernels['on']:.2f}x")
     if compiled:
         eager = rows[-2]
         print(f"  {eager['config']}: torch.compile bf16 step {compiled['seconds']:.3f} s vs eager "
