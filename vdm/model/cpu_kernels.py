@@ -8,7 +8,7 @@
 
 Both compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
 
-The kernel is compiled once per CPU type into torch's extension cache (TORCH_EXTENSIONS_DIR,
+The kernels are compiled once per CPU type into torch's extension cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions), as DeepSpeed builds its CPU ops; concurrent processes wait
 for one build. Where no compiler is available, or with VDM_CPU_KERNELS=0, `available()` is False
 and the model uses its PyTorch path (same results, slower; tests check that the two agree).
@@ -35,9 +35,9 @@ def _build_tag() -> str:
     different machines keeps one build per CPU type."""
     info = platform.machine() + "".join(p.read_text() for p in sorted(_CSRC.iterdir()))
     try:
-        with open("/proc/cpuinfo") as f:
-            info += "".join(line for line in f
-                            if line.startswith(("model name", "flags"))).split("\n\n")[0]
+        with open("/proc/cpuinfo") as f:  # model name and flags (the same on every core)
+            info += "".join(sorted({line for line in f
+                                    if line.startswith(("model name", "flags"))}))
     except OSError:
         pass
     return hashlib.sha1(info.encode()).hexdigest()[:10]
@@ -49,8 +49,8 @@ def _load() -> bool:
     log.info("loading the vdm CPU kernels (the first time on a machine, this builds them: ~20 s)")
     try:
         load(name=f"vdm_cpu_kernels_{_build_tag()}", sources=[str(p) for p in _SOURCES],
-             extra_cflags=flags,
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+             extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
     except Exception as e:  # no compiler, no ninja, an unsupported platform: fall back
         log.warning("vdm CPU kernels unavailable, using the PyTorch path: %s: %s",
                     type(e).__name__, str(e)[-2000:])
@@ -58,7 +58,8 @@ def _load() -> bool:
     return True
 
 
-# dim_head values the kernel is compiled for (multiples of the fp32 and fp64 vector widths).
+# dim_head values the temporal kernel is compiled for (multiples of the fp32 and fp64 vector
+# widths).
 KERNEL_DIM_HEADS = (16, 32, 64, 128)
 
 
