@@ -102,9 +102,9 @@ def use_fused_norm(x: torch.Tensor) -> bool:
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, out_dtype):
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps):
         out, mean, rstd = torch.ops.vdm_cpu.gn_silu_forward(x, weight, bias, scale, shift, groups,
-                                                            eps, out_dtype)
+                                                            eps)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
         ctx.groups = groups
         return out
@@ -114,16 +114,15 @@ class _GroupNormSiLU(torch.autograd.Function):
         *saved, = ctx.saved_tensors
         grads = torch.ops.vdm_cpu.gn_silu_backward(
             grad_out.contiguous(memory_format=torch.channels_last), *saved, ctx.groups)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                     eps: float, scale: torch.Tensor | None = None,
-                    shift: torch.Tensor | None = None, out_dtype=None) -> torch.Tensor:
+                    shift: torch.Tensor | None = None) -> torch.Tensor:
     """silu((group_norm(x) * weight + bias) * (1 + scale) + shift) for x `(n, c, h, w)` in
     channels-last memory; scale and shift broadcast as `(n, c, 1, 1)` (None: 0). The result is
-    in `out_dtype` (x's dtype by default; float32 is allowed for bf16/fp16 x). Needs
-    `available()`."""
+    in x's dtype and memory format. Needs `available()`."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, c = x.shape[:2]
 
@@ -133,8 +132,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
         return t.expand(n, c, 1, 1).reshape(n, c).to(acc).contiguous()
 
     return _GroupNormSiLU.apply(x, weight.to(acc).contiguous(), bias.to(acc).contiguous(),
-                                per_sample(scale), per_sample(shift), groups, eps,
-                                out_dtype or x.dtype)
+                                per_sample(scale), per_sample(shift), groups, eps)
 
 
 def temporal_attention(qkv: torch.Tensor, bias: torch.Tensor | None, frames: int,
