@@ -195,6 +195,7 @@ def test_unet_same_with_and_without_cpu_kernels(monkeypatch):
         out.square().mean().backward()
         return [out.detach(), *(p.grad.clone() for p in model.parameters())]
 
+    assert cpu_kernels.available()  # else both runs below take the PyTorch path
     fused = run()
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     plain = run()
@@ -242,6 +243,7 @@ def test_unet_in_pure_bf16_close_with_and_without_cpu_kernels(monkeypatch):
         out.float().square().mean().backward()
         return out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
+    assert cpu_kernels.available()  # else both runs below take the PyTorch path
     out, grads = run()
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     ref_out, ref_grads = run()
