@@ -1,13 +1,14 @@
-"""The fused CPU kernels (temporal attention; GroupNorm + scale-shift + SiLU) against the formula
-or the PyTorch ops, alone and inside the model."""
+"""The fused CPU kernels (temporal attention; the linear attention's softmaxes; GroupNorm +
+scale-shift + SiLU) and the Upsample's backward against the formula or the PyTorch ops, alone and
+inside the model."""
 
 import pytest
 import torch
 from einops import rearrange
 
 from vdm.model import Unet3D, cpu_kernels
-from vdm.model.attention import RelativePositionBias, TemporalAttention
-from vdm.model.layers import GroupNormSiLU
+from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
+from vdm.model.layers import GroupNormSiLU, Upsample
 
 
 def reference(qkv, bias, frames, heads):
@@ -16,6 +17,12 @@ def reference(qkv, bias, frames, heads):
     scores = torch.einsum("bnmid,bnmjd->bnmij", q, k) * q.shape[-1] ** -0.5 + bias.double()
     out = torch.einsum("bnmij,bnmjd->bnmid", scores.softmax(-1), v)
     return rearrange(out, "b n m f d -> (b f) n (m d)")
+
+
+@pytest.fixture(autouse=True)
+def load_kernels():
+    # Loads the ops before each test, so a test that calls them directly also runs alone (-k).
+    cpu_kernels.available()
 
 
 def test_kernel_is_built_here():
@@ -114,6 +121,107 @@ def test_unsupported_dim_head_uses_pytorch_path():
     x = torch.randn(2, 8)
     assert not cpu_kernels.use_temporal_kernel(x, 8)
     assert cpu_kernels.use_temporal_kernel(x, 32)
+
+
+def linear_attention_reference(qkv, heads):
+    """q softmaxed over d, k over the positions, v: each (n, heads, positions, d), in fp64."""
+    q, k, v = rearrange(qkv.double(), "n h w (k m d) -> k n m (h w) d", k=3, m=heads)
+    return q.softmax(-1), k.softmax(-2), v
+
+
+@pytest.mark.parametrize("dtype,dim_head", [(torch.float32, 16), (torch.float32, 32),
+                                            (torch.float64, 16)])
+def test_linear_attention_kernel_matches_formula_with_gradients(dtype, dim_head):
+    # 35 positions: more than one of the kernel's 32-position blocks, the last one partial; large
+    # logits, so a softmax without its maximum subtracted would overflow.
+    torch.manual_seed(dim_head)
+    heads = 3
+    qkv = (torch.randn(2, 5, 7, 3 * heads * dim_head, dtype=dtype) * 40).requires_grad_()
+    qkv.data[0, 4, 6, heads * dim_head:2 * heads * dim_head] += 200  # k's maximum in the last block
+    grads = [torch.randn(2, heads, 35, dim_head, dtype=dtype) for _ in range(3)]
+    outs = cpu_kernels.linear_attention_softmax(qkv, heads)
+    torch.autograd.backward(outs, grads)
+    got = [*outs, qkv.grad]
+    qkv.grad = None
+    refs = linear_attention_reference(qkv, heads)
+    torch.autograd.backward(refs, [g.double() for g in grads])
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-4)
+    for g, r in zip(got, (*refs, qkv.grad)):
+        assert g.dtype == dtype and g.shape == r.shape
+        torch.testing.assert_close(g.double(), r.double(), **tol)
+
+
+def test_linear_attention_kernel_gradcheck_fp64():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 3, 12, 3 * 2 * 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cpu_kernels.linear_attention_softmax(t, 2), (qkv,))
+
+
+def test_linear_attention_kernel_bf16_close_to_fp64():
+    torch.manual_seed(0)
+    qkv = (torch.randn(4, 8, 8, 3 * 4 * 32) * 3).bfloat16().requires_grad_()
+    outs = cpu_kernels.linear_attention_softmax(qkv, 4)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    sum((o.float() * (i + 1)).square().sum() for i, o in enumerate(outs)).backward()
+    ref_qkv = qkv.detach().double().requires_grad_()
+    refs = linear_attention_reference(ref_qkv, 4)
+    sum((r * (i + 1)).square().sum() for i, r in enumerate(refs)).backward()
+    for o, r in zip((*outs, qkv.grad), (*refs, ref_qkv.grad)):
+        assert (o.double() - r).norm() / r.norm() < 5e-3
+
+
+def test_linear_attention_kernel_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="3 \\* heads \\* d"):
+        cpu_kernels.linear_attention_softmax(torch.randn(2, 4, 4, 3 * 2 * 16 + 1), 2)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.linear_attention_softmax(torch.randn(2, 4, 4, 3 * 2 * 8), 2)
+    assert not cpu_kernels.use_linear_attention_kernel(torch.randn(2, 8), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_attention_module_same_with_and_without_kernel(monkeypatch, dtype):
+    torch.manual_seed(0)
+    attn = SpatialLinearAttention(32, heads=4, dim_head=32)
+    x = torch.randn(3, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        attn.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = attn(xi)
+        out.float().square().mean().backward()
+        return [out.float(), xi.grad, *(p.grad.clone() for p in attn.parameters())]
+
+    assert cpu_kernels.use_linear_attention_kernel(x, attn.dim_head)
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, "use_linear_attention_kernel", lambda *args: False)
+    plain = run()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, c in zip(fused, plain):
+        torch.testing.assert_close(a, c, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_same_as_conv_transpose(dtype, channels_last):
+    """Upsample's CPU backward (bias gradient as a sum) equals nn.ConvTranspose2d's, in fp32 and
+    under bf16 autocast, in both memory formats; the state dict is the same."""
+    torch.manual_seed(0)
+    up = Upsample(24)
+    ref = torch.nn.ConvTranspose2d(24, 24, 4, stride=2, padding=1)
+    ref.load_state_dict(up.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 24, 5, 6).contiguous(memory_format=fmt)
+    results = []
+    for module in (up, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = module(xi)
+        out.float().square().mean().backward()
+        results.append([out, xi.grad, module.weight.grad, module.bias.grad])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def group_norm_silu_inputs(dtype, n=3, c=24, seed=0):
@@ -216,6 +324,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path, caplog):
     x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
     assert not cpu_kernels.use_fused_norm(x)
     assert not cpu_kernels.use_temporal_kernel(x, 32)
+    assert not cpu_kernels.use_linear_attention_kernel(x, 32)
     block = TemporalAttention(16, heads=2, dim_head=16)
     assert block(x, 2).shape == x.shape  # runs on the PyTorch path
 

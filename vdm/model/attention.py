@@ -168,14 +168,19 @@ class SpatialLinearAttention(_PreNormAttention):
         super().__init__(dim, heads, dim_head, out_bias=True)
 
     def forward(self, x):
-        # One copy makes q, k and v (n, heads, positions, d) at once; both products below then run
-        # as batched matmuls on them (k transposed as a view), with no further permutes.
-        qkv = rearrange(self._normed_qkv(x), "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
-        q, k, v = qkv.contiguous()
-        # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the sum
-        # over thousands of positions is exact enough without materialising fp32 copies.
-        q = q.softmax(dim=-1)
-        k = k.softmax(dim=-2)
+        # q, k and v (n, heads, positions, d), made by one copy; both products below then run as
+        # batched matmuls on them (k transposed as a view), with no further permutes.
+        qkv = self._normed_qkv(x)
+        if cpu_kernels.use_linear_attention_kernel(qkv, self.dim_head):
+            # Fused CPU kernel: the layout copy and both softmaxes in one pass each way.
+            q, k, v = cpu_kernels.linear_attention_softmax(qkv, self.heads)
+        else:
+            qkv = rearrange(qkv, "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
+            q, k, v = qkv.contiguous()
+            # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the
+            # sum over thousands of positions is exact enough without materialising fp32 copies.
+            q = q.softmax(dim=-1)
+            k = k.softmax(dim=-2)
         # The 1/sqrt(d) scale goes on the small (d x d) context rather than on q.
         context = torch.matmul(k.transpose(-1, -2), v) * self.dim_head ** -0.5
         out = rearrange(torch.matmul(q, context), "n m (h w) e -> n h w (m e)", h=x.shape[-2])

@@ -3,10 +3,13 @@
 - `temporal_attention(qkv, bias, frames, heads)`: the temporal attention core, softmax(q k^T /
   sqrt(d) + bias) v over the frames at every position and head, reading the packed q/k/v
   projection as it is and writing the layout the output projection reads.
+- `linear_attention_softmax(qkv, heads)`: the spatial linear attention's layout and softmax step,
+  from the packed q/k/v projection to q (softmax over d), k (softmax over positions) and v, each
+  `(n, heads, positions, d)`, as its batched matmuls read them.
 - `group_norm_silu(x, weight, bias, groups, eps, scale, shift)`: silu((GroupNorm(x) * weight +
   bias) * (1 + scale) + shift), the tail of every ResNet block's conv, in one pass each way.
 
-Both compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
+All compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
 
 The kernels are compiled once per CPU type into torch's extension cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions), as DeepSpeed builds its CPU ops; concurrent processes wait
@@ -25,7 +28,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "temporal_attention.cpp", _CSRC / "group_norm_silu.cpp"]
+_SOURCES = [_CSRC / "temporal_attention.cpp", _CSRC / "group_norm_silu.cpp",
+            _CSRC / "linear_attention.cpp"]
 _state = {}
 
 
@@ -146,3 +150,35 @@ def temporal_attention(qkv: torch.Tensor, bias: torch.Tensor | None, frames: int
     dim_head = qkv.shape[-1] // (3 * heads)
     return _TemporalAttention.apply(qkv.contiguous(), bias.to(acc).contiguous(), frames, heads,
                                     dim_head ** -0.5)
+
+
+def use_linear_attention_kernel(qkv: torch.Tensor, dim_head: int) -> bool:
+    """Whether SpatialLinearAttention takes the fused layout and softmax kernel: on CPU, for a
+    dim_head that is whole vectors (a multiple of 16), outside torch.compile, once the kernels
+    are built."""
+    return (qkv.device.type == "cpu" and dim_head % 16 == 0
+            and not torch.compiler.is_compiling() and available())
+
+
+class _LinearAttentionSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        q, k, v = torch.ops.vdm_cpu.linear_attention_softmax_forward(qkv, heads)
+        ctx.save_for_backward(q, k)  # the softmaxes; their backward needs nothing of qkv
+        ctx.qkv_shape = qkv.shape
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        q, k = ctx.saved_tensors
+        grads = [torch.zeros_like(q) if g is None else g.contiguous().to(q.dtype)
+                 for g in (grad_q, grad_k, grad_v)]
+        grad_qkv = torch.ops.vdm_cpu.linear_attention_softmax_backward(*grads, q, k)
+        return grad_qkv.view(ctx.qkv_shape), None
+
+
+def linear_attention_softmax(qkv: torch.Tensor, heads: int):
+    """qkv `(n, ..., 3 * heads * d)` packed as (q | k | v), each (heads, d), the positions in
+    between -> q, k, v `(n, heads, positions, d)`: q softmaxed over d, k over the positions, v
+    as it is. Needs `available()`."""
+    return _LinearAttentionSoftmax.apply(qkv.contiguous(), heads)
