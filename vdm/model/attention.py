@@ -100,11 +100,14 @@ def attend(q, k, v, mask=None, explicit: bool | None = None):
     scale = q.shape[-1] ** -0.5
     if mask is None:
         scores = scores.float() * scale
-    elif mask.dtype == torch.bool:
-        # The most negative float, not -inf: a query with every key masked gets a uniform
-        # average instead of NaN; with one real key the masked ones still get exactly 0.
-        scores = (scores.float() * scale).masked_fill(~mask, torch.finfo(torch.float32).min)
     else:
+        if mask.dtype == torch.bool:
+            # As an additive mask (small: it broadcasts), so that scaling, masking and the cast
+            # stay one pass over the scores. The most negative float, not -inf: a query with every
+            # key masked gets a uniform average instead of NaN (min + a score rounds to min); with
+            # one real key the masked ones still get exactly 0.
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min)
         scores = torch.add(mask.float(), scores, alpha=scale)  # bf16 + fp32 -> fp32
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
