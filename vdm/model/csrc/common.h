@@ -46,6 +46,55 @@ inline c10::BFloat16 from_acc<c10::BFloat16, float>(float x) {
   return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
 }
 
+// Conversion of whole rows to and from an accumulation-dtype buffer: a vector at a time (bf16 by
+// widening and shifting its bits in registers), the tail element by element. Element-wise loops
+// were vectorised by GCC in 32-byte halves, and the kernels' 64-byte loads of what two 32-byte
+// stores had just written stalled on store forwarding: that took most of GroupNorm's time.
+template <typename scalar_t, typename acc_t>
+inline void to_acc_vector(const scalar_t* src, acc_t* dst) {
+  for (int j = 0; j < Simd<acc_t>::kLanes; ++j) dst[j] = to_acc(src[j]);
+}
+template <typename scalar_t, typename acc_t>
+inline void from_acc_vector(const acc_t* src, scalar_t* dst) {
+  for (int j = 0; j < Simd<acc_t>::kLanes; ++j) dst[j] = from_acc<scalar_t>(src[j]);
+}
+
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+template <>
+inline void to_acc_vector<c10::BFloat16, float>(const c10::BFloat16* src, float* dst) {
+  U16x16 h;
+  std::memcpy(&h, src, sizeof(h));
+  const U32x16 bits = __builtin_convertvector(h, U32x16) << 16;
+  std::memcpy(dst, &bits, sizeof(bits));
+}
+template <>
+inline void from_acc_vector<c10::BFloat16, float>(const float* src, c10::BFloat16* dst) {
+  Simd<float>::V x = Simd<float>::load(src);
+  U32x16 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  U32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // as from_acc: nearest even
+  rounded = x != x ? U32x16{} + 0x7fc0u : rounded;                 // NaN stays NaN
+  const U16x16 h = __builtin_convertvector(rounded, U16x16);
+  std::memcpy(dst, &h, sizeof(h));
+}
+
+template <typename scalar_t, typename acc_t>
+inline void to_buffer(const scalar_t* src, int64_t len, acc_t* dst) {
+  constexpr int L = Simd<acc_t>::kLanes;
+  int64_t i = 0;
+  for (; i + L <= len; i += L) to_acc_vector(src + i, dst + i);
+  for (; i < len; ++i) dst[i] = to_acc(src[i]);
+}
+template <typename scalar_t, typename acc_t>
+inline void from_buffer(const acc_t* src, int64_t len, scalar_t* dst) {
+  constexpr int L = Simd<acc_t>::kLanes;
+  int64_t i = 0;
+  for (; i + L <= len; i += L) from_acc_vector(src + i, dst + i);
+  for (; i < len; ++i) dst[i] = from_acc<scalar_t>(src[i]);
+}
+
 // exp(x) on a vector, x clamped to [-87, 88] (fp32's normal range), as 2^n * p(r) with
 // r = x - n ln2 in [-ln2/2, ln2/2] and Cephes' polynomial for p (relative error ~1e-7). In vector
 // arithmetic because the compiler left the scalar form (and std::exp) unvectorised, and the

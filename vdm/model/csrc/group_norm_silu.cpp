@@ -99,7 +99,7 @@ void forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* gamma,
       auto channel_sums = [&](auto f) {  // of f(row) over the rows
         sums.reset();
         for (int64_t p = 0; p < positions; ++p) {
-          for (int64_t ch = 0; ch < c; ++ch) row[ch] = to_acc(xs[p * c + ch]);
+          to_buffer(xs + p * c, c, row.data());
           for (int64_t v = 0; v < cp; v += S::kLanes) sums.add(v, f(S::load(row.data() + v), v));
           sums.end_row();
         }
@@ -120,12 +120,12 @@ void forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* gamma,
                  b.data());
       scalar_t* os = out + s * positions * c;
       for (int64_t p = 0; p < positions; ++p) {
-        for (int64_t ch = 0; ch < c; ++ch) row[ch] = to_acc(xs[p * c + ch]);
+        to_buffer(xs + p * c, c, row.data());
         for (int64_t v = 0; v < cp; v += S::kLanes) {
           const V y = S::load(row.data() + v) * S::load(a.data() + v) + S::load(b.data() + v);
           S::store(row.data() + v, y * sigmoid<acc_t>(y));
         }
-        for (int64_t ch = 0; ch < c; ++ch) os[p * c + ch] = from_acc<scalar_t>(row[ch]);
+        from_buffer(row.data(), c, os + p * c);
       }
     }
   });
@@ -162,10 +162,8 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* x,
       const scalar_t* gs = grad_out + s * positions * c;
       // gy = d(loss)/d(pre-activation y), z = the normalised x; both are recomputed per pass.
       auto load_row = [&](int64_t p) {
-        for (int64_t ch = 0; ch < c; ++ch) {
-          xr[ch] = to_acc(xs[p * c + ch]);
-          gr[ch] = to_acc(gs[p * c + ch]);
-        }
+        to_buffer(xs + p * c, c, xr.data());
+        to_buffer(gs + p * c, c, gr.data());
         for (int64_t v = 0; v < cp; v += S::kLanes) {
           const V xv = S::load(xr.data() + v);
           const V y = xv * S::load(a.data() + v) + S::load(b.data() + v);
@@ -216,7 +214,7 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* x,
                    S::load(r.data() + v) *
                        (S::load(w.data() + v) * S::load(gy.data() + v) - S::load(c1.data() + v) -
                         S::load(z.data() + v) * S::load(c2.data() + v)));
-        for (int64_t ch = 0; ch < c; ++ch) dxs[p * c + ch] = from_acc<scalar_t>(xr[ch]);
+        from_buffer(xr.data(), c, dxs + p * c);
       }
     }
   });

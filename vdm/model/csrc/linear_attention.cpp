@@ -35,16 +35,6 @@ using namespace vdm_kernels;
 template <typename acc_t>
 using V = typename Simd<acc_t>::V;
 
-template <typename scalar_t, typename acc_t>
-inline void to_buffer(const scalar_t* src, int64_t len, acc_t* dst) {
-  for (int64_t i = 0; i < len; ++i) dst[i] = to_acc(src[i]);
-}
-
-template <typename scalar_t, typename acc_t>
-inline void from_buffer(const acc_t* src, int64_t len, scalar_t* dst) {
-  for (int64_t i = 0; i < len; ++i) dst[i] = from_acc<scalar_t>(src[i]);
-}
-
 template <typename acc_t>
 inline acc_t hmax(V<acc_t> v) {
   acc_t m = v[0];

@@ -57,13 +57,13 @@ struct Shape {
 template <int D, typename scalar_t, typename acc_t>
 inline void load_rows(const scalar_t* src, int64_t stride, int64_t f, acc_t* dst) {
   for (int64_t i = 0; i < f; ++i)
-    for (int e = 0; e < D; ++e) dst[i * D + e] = to_acc(src[i * stride + e]);
+    to_buffer(src + i * stride, D, dst + i * D);
 }
 
 template <int D, typename scalar_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t f, scalar_t* dst, int64_t stride) {
   for (int64_t i = 0; i < f; ++i)
-    for (int e = 0; e < D; ++e) dst[i * stride + e] = from_acc<scalar_t>(src[i * D + e]);
+    from_buffer(src + i * D, D, dst + i * stride);
 }
 
 // dst (L x L block, row stride dst_stride) = src block (row stride src_stride) transposed, L the
