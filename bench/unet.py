@@ -161,6 +161,7 @@ OP_CLASSES = (
     ("fused attention (SDPA)", ("aten::_scaled_dot_product",)),
     ("temporal attention kernel", ("vdm_cpu::temporal_attention",)),
     ("GroupNorm+SiLU kernel", ("vdm_cpu::gn_silu",)),
+    ("linear attention kernel", ("vdm_cpu::linear_attention",)),
     ("layout copies and casts", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack",
                                  "aten::_to_copy")),
     ("norms", ("aten::native_group_norm", "aten::native_layer_norm")),
