@@ -50,7 +50,7 @@ def _build_tag() -> str:
 def _load() -> bool:
     from torch.utils.cpp_extension import load
     flags = ["-O3", "-march=native", "-fopenmp"]
-    log.info("loading the vdm CPU kernels (the first time on a machine, this builds them: ~20 s)")
+    log.info("loading the vdm CPU kernels (the first time on a machine, this builds them: ~30 s)")
     try:
         load(name=f"vdm_cpu_kernels_{_build_tag()}", sources=[str(p) for p in _SOURCES],
              extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
