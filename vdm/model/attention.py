@@ -171,15 +171,15 @@ class SpatialLinearAttention(_PreNormAttention):
         super().__init__(dim, heads, dim_head, out_bias=True)
 
     def forward(self, x):
-        # q, k and v (n, heads, positions, d), made by one copy; both products below then run as
-        # batched matmuls on them (k transposed as a view), with no further permutes.
+        # q, k and v as (n, heads, positions, d): both products below then run as batched matmuls
+        # on them (k transposed as a view), with no further permutes.
         qkv = self._normed_qkv(x)
         if cpu_kernels.use_linear_attention_kernel(qkv, self.dim_head):
             # Fused CPU kernel: the layout copy and both softmaxes in one pass each way.
             q, k, v = cpu_kernels.linear_attention_softmax(qkv, self.heads)
         else:
             qkv = rearrange(qkv, "n h w (k m d) -> k n m (h w) d", k=3, m=self.heads)
-            q, k, v = qkv.contiguous()
+            q, k, v = qkv.contiguous()  # one copy for all three
             # The softmax kernels accumulate in fp32 for bf16/fp16 inputs (CPU and CUDA), so the
             # sum over thousands of positions is exact enough without materialising fp32 copies.
             q = q.softmax(dim=-1)

@@ -112,10 +112,10 @@ def Downsample(dim: int) -> nn.Module:
 class _ConvTransposeSummedBiasGrad(torch.autograd.Function):
     """conv_transpose2d whose backward takes the bias gradient as a sum of the output gradient.
 
-    PyTorch's CPU backward of a transposed conv with bias spends most of its time on the bias
-    gradient: in bf16 channels-last, 17-25 ms of the 64-256 channel Upsamples' 17-25 ms backwards,
-    against 5-11 ms for the input and weight gradients and 0.1-1.7 ms for this sum (see the note
-    of the commit that added it)."""
+    PyTorch's CPU backward of a transposed conv with a bias spends most of its time on the bias
+    gradient: in bf16 channels-last, the 64-256 channel Upsamples' backwards took 17-25 ms, of
+    which their input and weight gradients 5-11 ms; this sum takes 0.1-1.7 ms (bench/README.md,
+    fifth stop)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
