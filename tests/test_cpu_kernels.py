@@ -87,6 +87,18 @@ def test_temporal_kernel_rejects_bad_shapes():
         cpu_kernels.temporal_attention(torch.randn(6, 4, 3 * 2 * 8), torch.zeros(2, 3, 3), 3, 2)
 
 
+def assert_same_without_kernel(monkeypatch, switch, run, dtype):
+    """run() (outputs and gradients) on the kernel equals run() with `cpu_kernels.<switch>`
+    returning False, i.e. on the module's PyTorch path; bf16 within its rounding."""
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, switch, lambda *args: False)
+    plain = run()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert len(fused) == len(plain)
+    for a, c in zip(fused, plain):
+        torch.testing.assert_close(a, c, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_temporal_attention_module_same_with_and_without_kernel(monkeypatch, dtype):
     """TemporalAttention on the kernel equals its PyTorch path (outputs and every gradient),
@@ -109,12 +121,7 @@ def test_temporal_attention_module_same_with_and_without_kernel(monkeypatch, dty
         return [out.float(), xi.grad, *params]
 
     assert cpu_kernels.use_temporal_kernel(x, attn.dim_head)
-    fused = run()
-    monkeypatch.setattr(cpu_kernels, "use_temporal_kernel", lambda *args: False)
-    plain = run()
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    for a, c in zip(fused, plain):
-        torch.testing.assert_close(a, c, **tol)
+    assert_same_without_kernel(monkeypatch, "use_temporal_kernel", run, dtype)
 
 
 def test_unsupported_dim_head_uses_pytorch_path():
@@ -193,12 +200,7 @@ def test_linear_attention_module_same_with_and_without_kernel(monkeypatch, dtype
         return [out.float(), xi.grad, *(p.grad.clone() for p in attn.parameters())]
 
     assert cpu_kernels.use_linear_attention_kernel(x, attn.dim_head)
-    fused = run()
-    monkeypatch.setattr(cpu_kernels, "use_linear_attention_kernel", lambda *args: False)
-    plain = run()
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    for a, c in zip(fused, plain):
-        torch.testing.assert_close(a, c, **tol)
+    assert_same_without_kernel(monkeypatch, "use_linear_attention_kernel", run, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
