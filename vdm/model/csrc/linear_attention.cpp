@@ -35,6 +35,11 @@ using namespace vdm_kernels;
 template <typename acc_t>
 using V = typename Simd<acc_t>::V;
 
+template <typename Vec>
+inline Vec vmax(Vec a, Vec b) {
+  return a > b ? a : b;
+}
+
 template <typename acc_t>
 inline acc_t hmax(V<acc_t> v) {
   acc_t m = v[0];
@@ -49,8 +54,8 @@ inline acc_t hsum(V<acc_t> v) {
   return t;
 }
 
-// Positions per block in the forward's first pass: a block's k (kBlock x heads x d) stays in cache
-// between the passes that take its maximum and its sum.
+// Positions per block in the forward's first pass: the block's q and k, converted once, stay in a
+// small buffer (kBlock x 2 x heads x d) for q's softmax and k's maximum and sum.
 constexpr int64_t kBlock = 32;
 
 template <typename scalar_t>
@@ -61,28 +66,27 @@ void forward_kernel(const scalar_t* qkv, scalar_t* q, scalar_t* k, scalar_t* v, 
   constexpr int64_t L = S::kLanes;
   const int64_t hd = heads * d;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(hd), kmax(hd), ksum(hd), bmax(hd);
+    std::vector<acc_t> row(hd), kmax(hd), ksum(hd), bmax(hd), block(kBlock * 2 * hd);
     for (int64_t s = begin; s < end; ++s) {
       const scalar_t* src = qkv + s * positions * 3 * hd;
       const int64_t out0 = s * heads * positions * d;  // (s, head 0, position 0, 0) in q, k, v
       auto at = [&](int64_t head, int64_t p) { return out0 + (head * positions + p) * d; };
       std::fill(kmax.begin(), kmax.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(ksum.begin(), ksum.end(), acc_t(0));
-      // Pass 1, a block of positions at a time: q's softmax per head and v's copy, row by row,
-      // then k's maximum and sum of exponentials over the block, from cache, merged into the
-      // running ones (sum *= exp(old max - new max)).
+      // Pass 1, a block of positions at a time: the block's q and k parts are converted once
+      // into a small buffer; q's softmax per head and v's copy, row by row; then k's maximum and
+      // sum of exponentials over the block, merged into the running ones (sum *= exp(old max -
+      // new max)).
       for (int64_t p0 = 0; p0 < positions; p0 += kBlock) {
-        const int64_t p1 = std::min(positions, p0 + kBlock);
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* r = src + p * 3 * hd;
-          to_buffer(r, hd, row.data());
+        const int64_t rows = std::min(positions - p0, kBlock);
+        for (int64_t p = 0; p < rows; ++p)
+          to_buffer(src + (p0 + p) * 3 * hd, 2 * hd, block.data() + p * 2 * hd);
+        for (int64_t p = 0; p < rows; ++p) {
+          const scalar_t* v_src = src + (p0 + p) * 3 * hd + 2 * hd;
           for (int64_t head = 0; head < heads; ++head) {
-            acc_t* qh = row.data() + head * d;
+            acc_t* qh = block.data() + p * 2 * hd + head * d;
             V<acc_t> mx = S::load(qh);
-            for (int64_t j = L; j < d; j += L) {
-              const V<acc_t> x = S::load(qh + j);
-              mx = x > mx ? x : mx;
-            }
+            for (int64_t j = L; j < d; j += L) mx = vmax(mx, S::load(qh + j));
             const acc_t m = hmax<acc_t>(mx);
             V<acc_t> sum{};
             for (int64_t j = 0; j < d; j += L) {
@@ -92,31 +96,23 @@ void forward_kernel(const scalar_t* qkv, scalar_t* q, scalar_t* k, scalar_t* v, 
             }
             const acc_t inv = acc_t(1) / hsum<acc_t>(sum);
             for (int64_t j = 0; j < d; j += L) S::store(qh + j, S::load(qh + j) * inv);
-            from_buffer(qh, d, q + at(head, p));
-            std::copy(r + 2 * hd + head * d, r + 2 * hd + (head + 1) * d, v + at(head, p));
+            from_buffer(qh, d, q + at(head, p0 + p));
+            std::copy(v_src + head * d, v_src + (head + 1) * d, v + at(head, p0 + p));
           }
         }
-        std::fill(bmax.begin(), bmax.end(), -std::numeric_limits<acc_t>::infinity());
-        for (int64_t p = p0; p < p1; ++p) {
-          to_buffer(src + p * 3 * hd + hd, hd, row.data());
-          for (int64_t i = 0; i < hd; i += L) {
-            const V<acc_t> x = S::load(row.data() + i), m = S::load(bmax.data() + i);
-            S::store(bmax.data() + i, x > m ? x : m);
-          }
-        }
-        for (int64_t i = 0; i < hd; i += L) {  // the new running max, and the old sum rescaled
-          const V<acc_t> m_old = S::load(kmax.data() + i), m_blk = S::load(bmax.data() + i);
-          const V<acc_t> m_new = m_blk > m_old ? m_blk : m_old;
-          S::store(ksum.data() + i, S::load(ksum.data() + i) * exp_clamped(m_old - m_new));
-          S::store(kmax.data() + i, m_new);
-        }
-        for (int64_t p = p0; p < p1; ++p) {
-          to_buffer(src + p * 3 * hd + hd, hd, row.data());
+        auto k_row = [&](int64_t p) { return block.data() + p * 2 * hd + hd; };
+        std::copy(kmax.begin(), kmax.end(), bmax.begin());
+        for (int64_t p = 0; p < rows; ++p)
           for (int64_t i = 0; i < hd; i += L)
-            S::store(ksum.data() + i,
-                     S::load(ksum.data() + i) +
-                         exp_clamped(S::load(row.data() + i) - S::load(kmax.data() + i)));
-        }
+            S::store(bmax.data() + i, vmax(S::load(bmax.data() + i), S::load(k_row(p) + i)));
+        for (int64_t i = 0; i < hd; i += L)  // the old sum, rescaled to the new running max
+          S::store(ksum.data() + i, S::load(ksum.data() + i) * exp_clamped(S::load(kmax.data() + i) -
+                                                                           S::load(bmax.data() + i)));
+        std::copy(bmax.begin(), bmax.end(), kmax.begin());
+        for (int64_t p = 0; p < rows; ++p)
+          for (int64_t i = 0; i < hd; i += L)
+            S::store(ksum.data() + i, S::load(ksum.data() + i) +
+                                          exp_clamped(S::load(k_row(p) + i) - S::load(kmax.data() + i)));
       }
       // Pass 2: k's softmax.
       for (int64_t i = 0; i < hd; ++i) ksum[i] = acc_t(1) / ksum[i];
