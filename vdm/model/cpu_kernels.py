@@ -74,11 +74,21 @@ def available() -> bool:
     return _state["ok"]
 
 
+def _eager_on_cpu(t: torch.Tensor) -> bool:
+    """What every kernel needs: a CPU tensor, outside torch.compile (which traces the PyTorch
+    path), and the kernels built."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and available()
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The kernels' accumulation dtype for t: fp64 for fp64, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def use_temporal_kernel(qkv: torch.Tensor, dim_head: int) -> bool:
     """Whether TemporalAttention takes the fused kernel for this input: on CPU, for a dim_head it
     is compiled for, outside torch.compile (which traces the PyTorch path), once it is built."""
-    return (qkv.device.type == "cpu" and dim_head in KERNEL_DIM_HEADS
-            and not torch.compiler.is_compiling() and available())
+    return dim_head in KERNEL_DIM_HEADS and _eager_on_cpu(qkv)
 
 
 class _TemporalAttention(torch.autograd.Function):
@@ -99,9 +109,8 @@ class _TemporalAttention(torch.autograd.Function):
 def use_fused_norm(x: torch.Tensor) -> bool:
     """Whether GroupNormSiLU takes the fused kernel: a CPU tensor in channels-last memory, outside
     torch.compile, once the kernels are built."""
-    return (x.device.type == "cpu" and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling() and available())
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and _eager_on_cpu(x))
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -127,7 +136,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     """silu((group_norm(x) * weight + bias) * (1 + scale) + shift) for x `(n, c, h, w)` in
     channels-last memory; scale and shift broadcast as `(n, c, 1, 1)` (None: 0). The result is
     in x's dtype and memory format. Needs `available()`."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(x)
     n, c = x.shape[:2]
 
     def per_sample(t):
@@ -144,7 +153,7 @@ def temporal_attention(qkv: torch.Tensor, bias: torch.Tensor | None, frames: int
     """qkv `((b f), ..., 3 * heads * d)` packed as (q | k | v), each (heads, d) -> `((b f), ...,
     heads * d)`: every position attends over its `frames` frames, per head, with the additive
     `bias` `(heads, frames, frames)` (None: no bias). Needs `available()`."""
-    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(qkv)
     if bias is None:
         bias = torch.zeros(heads, frames, frames, dtype=acc, device=qkv.device)
     dim_head = qkv.shape[-1] // (3 * heads)
@@ -156,8 +165,7 @@ def use_linear_attention_kernel(qkv: torch.Tensor, dim_head: int) -> bool:
     """Whether SpatialLinearAttention takes the fused layout and softmax kernel: on CPU, for a
     dim_head that is whole vectors (a multiple of 16), outside torch.compile, once the kernels
     are built."""
-    return (qkv.device.type == "cpu" and dim_head % 16 == 0
-            and not torch.compiler.is_compiling() and available())
+    return dim_head % 16 == 0 and _eager_on_cpu(qkv)
 
 
 class _LinearAttentionSoftmax(torch.autograd.Function):
@@ -171,8 +179,8 @@ class _LinearAttentionSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         q, k = ctx.saved_tensors
-        grads = [torch.zeros_like(q) if g is None else g.contiguous().to(q.dtype)
-                 for g in (grad_q, grad_k, grad_v)]
+        # (autograd passes zeros, not None, for an output that was not used)
+        grads = [g.contiguous().to(q.dtype) for g in (grad_q, grad_k, grad_v)]
         grad_qkv = torch.ops.vdm_cpu.linear_attention_softmax_backward(*grads, q, k)
         return grad_qkv.view(ctx.qkv_shape), None
 
