@@ -30,8 +30,9 @@ alternating steps in one process.
 
 Breakdown: for the fixed bf16 step, one profiled step split by op class (convolution, matmul,
 batched matmul, layout copies and casts, norms, softmax, vdm's fused CPU kernels, the rest),
-each class's share scaled to the unprofiled step time, with the FLOP rate of the classes that carry FLOPs, and the time the
-dense classes alone take against the time the whole step may take at 35% of the peak.
+each class's share scaled to the unprofiled step time, with the FLOP rate of the classes that
+carry FLOPs, and the time the dense classes alone take against the time the whole step may take
+at 35% of the peak.
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """Space-time factored attention for the Unet3D; softmax attention goes through SDPA, except on
-CPU: the temporal attention runs a fused kernel (cpu_kernels.py) and attention over few keys runs
-explicitly (see attend); tests check every path against SDPA or the plain formula.
+CPU: the temporal attention runs a fused kernel (cpu_kernels.py), as do the linear attention's
+softmaxes, and attention over few keys runs explicitly (see attend); tests check every path
+against SDPA or the plain formula.
 
 All modules take and return the internal layout `(b f) c h w` (channels-last memory) and are
 pre-norm residual blocks: `x + attn(norm(x))`. Frames mix only in `TemporalAttention`.
