@@ -291,7 +291,7 @@ def test_group_norm_silu_needs_channels_last():
 
 
 def test_unet_same_with_and_without_cpu_kernels(monkeypatch):
-    """The whole model (both kernels, text, a focused sample): same outputs and gradients."""
+    """The whole model (every kernel, text, a focused sample): same outputs and gradients."""
     torch.manual_seed(0)
     model = Unet3D(dim=16, dim_mults=(1, 2), attn_heads=2, attn_dim_head=16, cond_dim=32)
     x = torch.randn(2, 3, 5, 16, 16)
