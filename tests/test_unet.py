@@ -218,11 +218,12 @@ def test_cpu_attention_path_equals_sdpa():
 
 
 def test_attention_layouts_match_plain_formulas():
-    """The layout-optimised temporal and linear attentions equal the formulas written out plainly,
-    in outputs and in the gradients of input and weights."""
+    """The layout-optimised temporal, linear and spatial attentions equal the formulas written out
+    plainly (the spatial one with SDPA), in outputs and in the gradients of input and weights."""
     from einops import rearrange
 
-    from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
+    from vdm.model.attention import (RelativePositionBias, SpatialAttention,
+                                     SpatialLinearAttention, TemporalAttention)
 
     torch.manual_seed(0)
     frames, heads, d = 3, 2, 4
@@ -254,6 +255,13 @@ def test_attention_layouts_match_plain_formulas():
     out = rearrange(torch.einsum("nmde,nhwmd->nhwme", context, q), "n h w m e -> n h w (m e)")
     want = x + linear.to_out(out).permute(0, 3, 1, 2)
     assert_same(linear, linear(x), want)
+
+    spatial = SpatialAttention(6, heads, d)  # on CPU through attend's explicit path
+    q, k, v = (rearrange(u, "n h w m e -> n m (h w) e") for u in normed_qkv(spatial))
+    out = rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                    "n m (h w) e -> n h w (m e)", h=5)
+    want = x + spatial.to_out(out).permute(0, 3, 1, 2)
+    assert_same(spatial, spatial(x), want)
 
 
 def test_bf16_autocast_forward_backward_finite():

@@ -84,12 +84,14 @@ def attend(q, k, v, mask=None, explicit: bool | None = None):
     with True = attend (every query keeps at least one key), broadcastable to `(..., Lq, Lk)`.
 
     Through SDPA, except on CPU over few keys (`explicit=None`): there the temporal attention (a
-    frame-distance bias that needs a gradient, which no fused CPU kernel supports) and the
-    cross-attention (a dozen text tokens) run as one matmul, one op that scales, adds the mask and
-    goes to fp32, an fp32 softmax and one matmul. SDPA's CPU kernels lose on
-    such shapes: in bf16 fwd+bwd its unfused fallback made the temporal attention of the 64x64
-    level 1.7x slower, and its flash kernel the cross-attention of the 32x32 level 2x slower
-    (bench/unet.py measures the whole model). Both paths agree (tests).
+    frame-distance bias that needs a gradient, which no fused CPU kernel supports), the
+    cross-attention (a dozen text tokens) and the spatial attention of the lowest level (64
+    positions at 64x64 input) run as one matmul, one op that scales, adds the mask and goes to
+    fp32, an fp32 softmax and one matmul. SDPA's CPU kernels lose on such shapes: in bf16 fwd+bwd
+    its unfused fallback made the temporal attention of the 64x64 level 1.7x slower, its flash
+    kernel the cross-attention of the 32x32 level 2x slower and the 8x8 spatial attention 5x
+    slower (20.6 against 4.0 ms; at 256 keys the two are even). bench/unet.py measures the whole
+    model; both paths agree (tests).
     """
     if explicit is None:
         explicit = q.device.type == "cpu" and k.shape[-2] <= CPU_EXPLICIT_MAX_KEYS
@@ -156,7 +158,7 @@ class SpatialAttention(_PreNormAttention):
     def forward(self, x):
         q, k, v = (rearrange(t, "n h w (m d) -> n m (h w) d", m=self.heads)
                    for t in self._normed_qkv(x).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         out = rearrange(out, "n m (h w) d -> n h w (m d)", h=x.shape[-2])
         return x + _from_tokens(self.to_out(out))
 
