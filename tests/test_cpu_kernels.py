@@ -1,6 +1,6 @@
 """The fused CPU kernels (temporal attention; the linear attention's softmaxes; GroupNorm +
-scale-shift + SiLU) and the Upsample's backward against the formula or the PyTorch ops, alone and
-inside the model."""
+scale-shift + SiLU; the transpose behind the projections' weight gradients) and the Upsample's
+backward against the formula or the PyTorch ops, alone and inside the model."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from einops import rearrange
 
 from vdm.model import Unet3D, cpu_kernels
 from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
-from vdm.model.layers import GroupNormSiLU, Upsample
+from vdm.model.layers import GroupNormSiLU, Linear, Upsample
 
 
 def reference(qkv, bias, frames, heads):
@@ -224,6 +224,68 @@ def test_upsample_same_as_conv_transpose(dtype, channels_last):
     for a, b in zip(*results):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 16), (64, 48), (37, 42), (131, 5), (5, 131), (1, 7),
+                                   (0, 3), (1000, 64)])
+def test_transpose_kernel_exact(dtype, shape):
+    """Whole 16x16 blocks, the columns past them and the last rows: bit-exact x^T."""
+    x = torch.randn(shape).to(dtype)
+    got = torch.ops.vdm_cpu.transpose(x)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, x.t().contiguous())
+
+
+def test_transpose_kernel_rejects_what_it_cannot_move():
+    for bad in (torch.randn(4, 4), torch.randn(4, 4, 2).bfloat16(), torch.randn(8, 4).bfloat16().t()):
+        with pytest.raises(RuntimeError, match="contiguous 2-D tensor of a 2-byte dtype"):
+            torch.ops.vdm_cpu.transpose(bad)
+
+
+@pytest.mark.parametrize("dims", [(24, 80), (80, 24), (42, 48)])  # (in, out): both operand orders
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_linear_same_as_nn_linear(monkeypatch, dims, bias, bf16_weights):
+    """vdm's Linear under bf16 autocast (fp32 weights as in the bench, bf16 as in the trainer),
+    with the transposed weight gradient forced on every size: the output, input gradient and
+    bias gradient equal nn.Linear's bit for bit; the weight gradient, whose sum over positions
+    runs in another order, is within bf16 rounding of nn.Linear's, and far closer to the fp64 sum
+    than bf16's step."""
+    monkeypatch.setattr(cpu_kernels, "LINEAR_TRANSPOSED_MIN_ROWS", 1)
+    torch.manual_seed(0)
+    ours = Linear(*dims, bias=bias)
+    ref = torch.nn.Linear(*dims, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    if bf16_weights:
+        ours, ref = ours.bfloat16(), ref.bfloat16()
+    x = torch.randn(3, 50, 7, dims[0])  # 1,050 positions, not a multiple of 16
+    upstream = torch.randn(3, 50, 7, dims[1]).bfloat16()
+    results = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.backward(upstream)
+        results.append([out, xi.grad, module.bias.grad if bias else None, module.weight.grad])
+    (out, grad_x, grad_b, grad_w), (ref_out, ref_x, ref_b, ref_w) = results
+    assert out.dtype == torch.bfloat16 and grad_w.dtype == ref_w.dtype
+    assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_x)
+    assert not bias or torch.equal(grad_b, ref_b)
+    exact = (upstream.double().reshape(-1, dims[1]).t()
+             @ x.bfloat16().double().reshape(-1, dims[0]))
+    torch.testing.assert_close(grad_w.double(), exact, rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1.6e-2, atol=2e-2)
+
+
+def test_linear_is_nn_linear_where_the_kernel_does_not_apply():
+    x = torch.randn(4, 8)
+    assert cpu_kernels.use_linear_kernel(x, torch.bfloat16)
+    assert not cpu_kernels.use_linear_kernel(x, torch.float32)  # 4-byte: no transpose kernel
+    with torch.no_grad():
+        assert not cpu_kernels.use_linear_kernel(x, torch.bfloat16)  # sampling
+    lin = Linear(8, 16)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def group_norm_silu_inputs(dtype, n=3, c=24, seed=0):

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from vdm.model import cpu_kernels
+from vdm.model.layers import Linear
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,8 @@ class _PreNormAttention(nn.Module):
         self.dim_head = dim_head
         hidden = heads * dim_head
         self.gamma = nn.Parameter(torch.ones(dim))
-        self.to_qkv = nn.Linear(dim, hidden * 3, bias=False)
-        self.to_out = nn.Linear(hidden, dim, bias=out_bias)
+        self.to_qkv = Linear(dim, hidden * 3, bias=False)
+        self.to_out = Linear(hidden, dim, bias=out_bias)
 
     def _normed_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x `(n c h w)` -> q, k, v packed as `n h w (3 heads d)`, computed in the channels-last layout."""
@@ -205,9 +206,9 @@ class CrossAttention(nn.Module):
         self.heads = heads
         hidden = heads * dim_head
         self.gamma = nn.Parameter(torch.ones(dim))
-        self.to_q = nn.Linear(dim, hidden, bias=False)
+        self.to_q = Linear(dim, hidden, bias=False)
         self.to_kv = nn.Linear(context_dim, hidden * 2, bias=False)
-        self.to_out = nn.Linear(hidden, dim, bias=False)
+        self.to_out = Linear(hidden, dim, bias=False)
 
     def forward(self, x, frames: int, context, context_mask=None):
         t = _to_tokens(x)

@@ -8,6 +8,8 @@
   `(n, heads, positions, d)`, as its batched matmuls read them.
 - `group_norm_silu(x, weight, bias, groups, eps, scale, shift)`: silu((GroupNorm(x) * weight +
   bias) * (1 + scale) + shift), the tail of every ResNet block's conv, in one pass each way.
+- `linear(x, weight, bias)`: F.linear whose backward reduces the weight gradient over many
+  positions fast, through a 2-byte transpose kernel (`transpose(x)`).
 
 All compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
 
@@ -24,12 +26,13 @@ import platform
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "temporal_attention.cpp", _CSRC / "group_norm_silu.cpp",
-            _CSRC / "linear_attention.cpp"]
+            _CSRC / "linear_attention.cpp", _CSRC / "transpose.cpp"]
 _state = {}
 
 
@@ -190,3 +193,52 @@ def linear_attention_softmax(qkv: torch.Tensor, heads: int):
     between -> q, k, v `(n, heads, positions, d)`: q softmaxed over d, k over the positions, v
     as it is. Needs `available()`."""
     return _LinearAttentionSoftmax.apply(qkv.contiguous(), heads)
+
+
+# The weight gradient of a projection reduces over its input's rows (positions). From this many
+# rows on, `linear` computes it from a transposed copy of the narrower operand: in bf16 on the
+# 2-core build machine 1.2-1.5x faster from 32,768 rows (the 32x32 and 64x64 levels), 0.8-0.9x at
+# 8,192 (bench/README.md, sixth stop).
+LINEAR_TRANSPOSED_MIN_ROWS = 32768
+
+
+def use_linear_kernel(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a projection of x computed in `dtype` takes `linear`: a 2-byte dtype (bf16, fp16;
+    the transpose kernel moves 2-byte elements), with gradients on, on CPU outside torch.compile,
+    once the kernels are built."""
+    return dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and _eager_on_cpu(x)
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad^T x for grad `(P, O)` and x `(P, C)`, 2-D and contiguous: the weight gradient of a
+    projection, `(O, C)`. With many rows, the narrower operand is transposed first (so oneDNN
+    reads it position-contiguous) and multiplied as the left factor."""
+    if x.shape[0] < LINEAR_TRANSPOSED_MIN_ROWS:
+        return grad.t() @ x
+    if x.shape[1] <= grad.shape[1]:
+        return (torch.ops.vdm_cpu.transpose(x) @ grad).t().contiguous()
+    return torch.ops.vdm_cpu.transpose(grad) @ x
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = (grad @ weight).view(x.shape) if need_x else None
+        grad_w = weight_grad(grad, x.reshape(-1, x.shape[-1]).contiguous()) if need_w else None
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), all three in one 2-byte dtype; the backward takes the weight
+    gradient through `weight_grad`. Needs `available()`."""
+    return _Linear.apply(x, weight, bias)

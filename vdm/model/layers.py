@@ -149,3 +149,20 @@ class Upsample(nn.ConvTranspose2d):
         with torch.autocast("cpu", enabled=False):
             return _ConvTransposeSummedBiasGrad.apply(
                 x.to(dtype), self.weight.to(dtype), self.bias.to(dtype), self.stride, self.padding)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU backward computes the weight gradient through a transposed copy of the
+    narrower operand (cpu_kernels.linear) when it reduces over many positions: the attention
+    projections of the 64x64 level reduced 131,072 rows at 0.45 TFLOP/s in bf16 through oneDNN's
+    transposed read. Same parameters and state-dict names as nn.Linear; elsewhere (GPU, fp32,
+    inference, torch.compile) it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In autocast's dtype, as autocast would run the matmul, with autocast off inside.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if not cpu_kernels.use_linear_kernel(x, dtype):
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            return cpu_kernels.linear(x.to(dtype), self.weight.to(dtype), bias)
