@@ -185,7 +185,7 @@ OP_CLASSES = (
     ("GroupNorm+SiLU kernel", ("vdm_cpu::gn_silu",)),
     ("linear attention kernel", ("vdm_cpu::linear_attention",)),
     ("layout copies and casts", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack",
-                                 "aten::_to_copy")),
+                                 "aten::_to_copy", "vdm_cpu::transpose")),
     ("norms", ("aten::native_group_norm", "aten::native_layer_norm")),
     ("softmax", ("aten::_softmax",)),
 )

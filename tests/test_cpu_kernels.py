@@ -8,7 +8,7 @@ from einops import rearrange
 
 from vdm.model import Unet3D, cpu_kernels
 from vdm.model.attention import RelativePositionBias, SpatialLinearAttention, TemporalAttention
-from vdm.model.layers import GroupNormSiLU, Linear, Upsample
+from vdm.model.layers import Conv3x3, GroupNormSiLU, Linear, Upsample
 
 
 def reference(qkv, bias, frames, heads):
@@ -288,6 +288,52 @@ def test_linear_is_nn_linear_where_the_kernel_does_not_apply():
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
+@pytest.mark.parametrize("shape", [(24, 40, 8, 8), (40, 24, 4, 6), (16, 16, 1, 1)])
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_conv3x3_same_as_nn_conv2d(shape, bf16_weights):
+    """Conv3x3 on a small level under bf16 autocast (its weight gradient as one matmul over the
+    positions) against nn.Conv2d: output, input and bias gradients bit for bit, the weight
+    gradient within bf16 rounding of nn.Conv2d's and of the fp64 sum; all in the same memory
+    format."""
+    c_in, c_out, h, w = shape
+    torch.manual_seed(0)
+    ours, ref = Conv3x3(c_in, c_out), torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    if bf16_weights:
+        ours, ref = ours.bfloat16(), ref.bfloat16()
+    x = torch.randn(5, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(5, c_out, h, w).bfloat16()
+    results = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.backward(upstream)
+        results.append([out, xi.grad, module.bias.grad, module.weight.grad])
+    assert results[0][0].grad_fn.name() == "_Conv3x3Backward"  # the kernel's path was taken
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+    (out, grad_x, grad_b, grad_w), (ref_out, ref_x, ref_b, ref_w) = results
+    assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_x) and torch.equal(grad_b, ref_b)
+    exact = torch.ops.aten.convolution_backward(
+        upstream.double(), x.bfloat16().double(), ours.weight.double(), None, (1, 1), (1, 1),
+        (1, 1), False, (0, 0), 1, (False, True, False))[1]
+    torch.testing.assert_close(grad_w.double(), exact, rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1.6e-2, atol=2e-2)
+
+
+def test_conv3x3_is_nn_conv2d_where_the_kernel_does_not_apply():
+    small = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert cpu_kernels.use_conv3x3_kernel(small, torch.bfloat16)
+    assert not cpu_kernels.use_conv3x3_kernel(small, torch.float32)
+    assert not cpu_kernels.use_conv3x3_kernel(small.contiguous(), torch.bfloat16)
+    large = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert not cpu_kernels.use_conv3x3_kernel(large, torch.bfloat16)  # oneDNN is faster there
+    conv = Conv3x3(8, 4)
+    torch.testing.assert_close(conv(small), torch.nn.functional.conv2d(small, conv.weight,
+                                                                        conv.bias, padding=1))
+
+
 def group_norm_silu_inputs(dtype, n=3, c=24, seed=0):
     """x far from zero mean (the variance must not cancel), channels not a multiple of 16."""
     torch.manual_seed(seed)
@@ -389,6 +435,8 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path, caplog):
     assert not cpu_kernels.use_fused_norm(x)
     assert not cpu_kernels.use_temporal_kernel(x, 32)
     assert not cpu_kernels.use_linear_attention_kernel(x, 32)
+    assert not cpu_kernels.use_linear_kernel(x, torch.bfloat16)
+    assert not cpu_kernels.use_conv3x3_kernel(x, torch.bfloat16)
     block = TemporalAttention(16, heads=2, dim_head=16)
     assert block(x, 2).shape == x.shape  # runs on the PyTorch path
 

@@ -8,8 +8,9 @@
   `(n, heads, positions, d)`, as its batched matmuls read them.
 - `group_norm_silu(x, weight, bias, groups, eps, scale, shift)`: silu((GroupNorm(x) * weight +
   bias) * (1 + scale) + shift), the tail of every ResNet block's conv, in one pass each way.
-- `linear(x, weight, bias)`: F.linear whose backward reduces the weight gradient over many
-  positions fast, through a 2-byte transpose kernel (`transpose(x)`).
+- `linear(x, weight, bias)` and `conv3x3(x, weight, bias)`: F.linear and a 3x3 F.conv2d whose
+  backwards compute the weight gradient as one matmul over the positions, with the narrower
+  operand made position-contiguous by a 2-byte transpose kernel (`transpose(x)`).
 
 All compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
 
@@ -242,3 +243,56 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear(x, weight, bias), all three in one 2-byte dtype; the backward takes the weight
     gradient through `weight_grad`. Needs `available()`."""
     return _Linear.apply(x, weight, bias)
+
+
+# A 3x3 convolution over at most this many positions per image takes `conv3x3`. oneDNN's weight
+# gradient ran at 0.64-0.76 TFLOP/s on the 8x8 level (bf16, 2 cores); as one matmul over
+# positions it took the level's conv backwards 1.41-1.48x faster, but 0.68-0.76x at 16x16
+# (bench/README.md, sixth stop).
+CONV3X3_MAX_POSITIONS = 64
+
+
+def use_conv3x3_kernel(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a 3x3 convolution (stride 1, padding 1) of x `(n, c, h, w)` computed in `dtype`
+    takes `conv3x3`: few positions per image, channels-last memory, and what `linear` needs."""
+    return (x.dim() == 4 and x.shape[-2] * x.shape[-1] <= CONV3X3_MAX_POSITIONS
+            and x.is_contiguous(memory_format=torch.channels_last) and use_linear_kernel(x, dtype))
+
+
+def conv3x3_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a 3x3 convolution (stride 1, padding 1), grad `(n, o, h, w)` and x
+    `(n, c, h, w)` both channels-last: the output gradient transposed to `(o, positions)` times
+    the nine shifted copies of x side by side, `(positions, 9 c)`. That product is the weight in
+    channels-last memory, `(o, 3, 3, c)`; returned as `(o, c, 3, 3)`."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (n, h + 2, w + 2, c)
+    cols = torch.cat([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=-1)
+    grad_t = torch.ops.vdm_cpu.transpose(grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]))
+    return (grad_t @ cols.view(-1, 9 * c)).view(-1, 3, 3, c).permute(0, 3, 1, 2)
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
+            (True, False, False))[0] if need_x else None
+        grad_w = conv3x3_weight_grad(grad, x) if need_w else None
+        grad_b = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a 3x3 weight, all in one 2-byte dtype, x
+    channels-last; the backward takes the weight gradient through `conv3x3_weight_grad`. Needs
+    `available()`."""
+    return _Conv3x3.apply(x, weight, bias)
