@@ -1,8 +1,8 @@
-"""The sixth stop's three changes against the fifth stop's code, alternating 16-frame bf16 training
+"""The sixth stop's four changes against the fifth stop's code, alternating 16-frame bf16 training
 steps of the fixed config in one process (the machine's drift between runs is larger than these
-gains): all three together, then each alone.
+gains): all four together, then each alone.
 
-    .venv/bin/python bench/ab_sixth_stop.py [pairs]      # ~4 min at the default 6 pairs
+    .venv/bin/python bench/ab_sixth_stop.py [pairs]      # ~5 min at the default 6 pairs
 
 The changes, each switched off by restoring the fifth stop's path for a step:
 - `linear`: the attention projections' weight gradients through a transposed copy of the narrower
@@ -11,6 +11,8 @@ The changes, each switched off by restoring the fifth stop's path for a step:
   (`cpu_kernels.use_conv3x3_kernel`); off, oneDNN's convolution backward.
 - `spatial`: the 8x8 level's full spatial attention through `attend`'s explicit CPU path; off,
   SDPA, as the fifth stop's SpatialAttention called it.
+- `products`: the linear attention's two products with k's gradient in k's layout
+  (`attention._LinearAttentionProducts`); off, the plain matmuls and autograd's backward.
 A one-off for the sixth stop's note, kept so its figures can be reproduced.
 """
 import os
@@ -33,7 +35,7 @@ from vdm.runtime import keep_freed_memory  # noqa: E402
 keep_freed_memory()
 torch.set_num_threads(2)
 assert cpu_kernels.available()
-ON = {"linear": True, "conv3x3": True, "spatial": True}
+ON = {"linear": True, "conv3x3": True, "spatial": True, "products": True}
 
 use_linear, use_conv3x3 = cpu_kernels.use_linear_kernel, cpu_kernels.use_conv3x3_kernel
 cpu_kernels.use_linear_kernel = lambda x, dtype: ON["linear"] and use_linear(x, dtype)
@@ -51,6 +53,17 @@ def fifth_stop_spatial_forward(self, x):
 
 A.SpatialAttention.forward = lambda self, x: (spatial_forward if ON["spatial"]
                                               else fifth_stop_spatial_forward)(self, x)
+
+
+products = A._LinearAttentionProducts.apply
+
+
+def fifth_stop_products(q, k, v, scale):
+    return torch.matmul(q, torch.matmul(k.transpose(-1, -2), v) * scale)
+
+
+A._LinearAttentionProducts.apply = lambda *args: (products if ON["products"]
+                                                  else fifth_stop_products)(*args)
 
 
 def step_seconds(model, inputs):
