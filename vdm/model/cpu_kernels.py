@@ -12,7 +12,9 @@
   backwards compute the weight gradient as one matmul over the positions, with the narrower
   operand made position-contiguous by a 2-byte transpose kernel (`transpose(x)`).
 
-All compute in fp32 (fp64 for fp64 inputs), forward and backward; csrc/ says why each exists.
+The fused kernels compute in fp32 (fp64 for fp64 inputs), forward and backward; `linear` and
+`conv3x3` leave their products to PyTorch's matmuls (fp32 accumulation). csrc/ says why each
+kernel exists.
 
 The kernels are compiled once per CPU type into torch's extension cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions), as DeepSpeed builds its CPU ops; concurrent processes wait
@@ -198,7 +200,7 @@ def linear_attention_softmax(qkv: torch.Tensor, heads: int):
 
 # The weight gradient of a projection reduces over its input's rows (positions). From this many
 # rows on, `linear` computes it from a transposed copy of the narrower operand: in bf16 on the
-# 2-core build machine 1.2-1.5x faster from 32,768 rows (the 32x32 and 64x64 levels), 0.8-0.9x at
+# 2-core build machine 1.07-1.49x faster from 32,768 rows (the 32x32 and 64x64 levels), 0.8-0.9x at
 # 8,192 (bench/README.md, sixth stop).
 LINEAR_TRANSPOSED_MIN_ROWS = 32768
 
