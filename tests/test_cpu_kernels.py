@@ -243,6 +243,20 @@ def test_transpose_kernel_rejects_what_it_cannot_move():
             torch.ops.vdm_cpu.transpose(bad)
 
 
+def autocast_grads(modules, x, upstream):
+    """Each module's output under bf16 autocast and its gradients for `upstream`: input, bias
+    (None without one), weight."""
+    results = []
+    for module in modules:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.backward(upstream)
+        bias = None if module.bias is None else module.bias.grad
+        results.append([out, xi.grad, bias, module.weight.grad])
+    return results
+
+
 @pytest.mark.parametrize("dims", [(24, 80), (80, 24), (42, 48)])  # (in, out): both operand orders
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("bf16_weights", [False, True])
@@ -261,13 +275,7 @@ def test_linear_same_as_nn_linear(monkeypatch, dims, bias, bf16_weights):
         ours, ref = ours.bfloat16(), ref.bfloat16()
     x = torch.randn(3, 50, 7, dims[0])  # 1,050 positions, not a multiple of 16
     upstream = torch.randn(3, 50, 7, dims[1]).bfloat16()
-    results = []
-    for module in (ours, ref):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(xi)
-        out.backward(upstream)
-        results.append([out, xi.grad, module.bias.grad if bias else None, module.weight.grad])
+    results = autocast_grads((ours, ref), x, upstream)
     (out, grad_x, grad_b, grad_w), (ref_out, ref_x, ref_b, ref_w) = results
     assert out.dtype == torch.bfloat16 and grad_w.dtype == ref_w.dtype
     assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_x)
@@ -303,13 +311,7 @@ def test_conv3x3_same_as_nn_conv2d(shape, bf16_weights):
         ours, ref = ours.bfloat16(), ref.bfloat16()
     x = torch.randn(5, c_in, h, w).contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(5, c_out, h, w).bfloat16()
-    results = []
-    for module in (ours, ref):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(xi)
-        out.backward(upstream)
-        results.append([out, xi.grad, module.bias.grad, module.weight.grad])
+    results = autocast_grads((ours, ref), x, upstream)
     assert results[0][0].grad_fn.name() == "_Conv3x3Backward"  # the kernel's path was taken
     for a, b in zip(*results):
         assert a.dtype == b.dtype and a.stride() == b.stride()
