@@ -50,6 +50,12 @@ class ChannelLayerNorm(nn.Module):
         return rearrange(x, "n h w c -> n c h w")
 
 
+def _cpu_autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype CPU autocast would run a conv or matmul of x in (x's own when autocast is off):
+    the layers below that replace PyTorch's backward cast to it and run with autocast off."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 class GroupNormSiLU(nn.GroupNorm):
     """silu(GroupNorm(x) * (1 + scale) + shift): on CPU one fused kernel each way (cpu_kernels),
     elsewhere the PyTorch ops. A GroupNorm subclass, so its parameters and their names are
@@ -77,8 +83,7 @@ class Conv3x3(nn.Conv2d):
         super().__init__(dim, dim_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In autocast's dtype, as autocast would run the conv, with autocast off inside.
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _cpu_autocast_dtype(x)  # computed in it below, with autocast off inside
         if not cpu_kernels.use_conv3x3_kernel(x, dtype):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
@@ -163,8 +168,7 @@ class Upsample(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
-        # In autocast's dtype, as autocast would run the conv, with autocast off inside.
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _cpu_autocast_dtype(x)  # computed in it below, with autocast off inside
         with torch.autocast("cpu", enabled=False):
             return _ConvTransposeSummedBiasGrad.apply(
                 x.to(dtype), self.weight.to(dtype), self.bias.to(dtype), self.stride, self.padding)
@@ -178,8 +182,7 @@ class Linear(nn.Linear):
     inference, torch.compile) it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In autocast's dtype, as autocast would run the matmul, with autocast off inside.
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _cpu_autocast_dtype(x)  # computed in it below, with autocast off inside
         if not cpu_kernels.use_linear_kernel(x, dtype):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(dtype)
