@@ -276,6 +276,7 @@ def test_linear_same_as_nn_linear(monkeypatch, dims, bias, bf16_weights):
     x = torch.randn(3, 50, 7, dims[0])  # 1,050 positions, not a multiple of 16
     upstream = torch.randn(3, 50, 7, dims[1]).bfloat16()
     results = autocast_grads((ours, ref), x, upstream)
+    assert results[0][0].grad_fn.name() == "_LinearBackward"  # the kernel's path was taken
     (out, grad_x, grad_b, grad_w), (ref_out, ref_x, ref_b, ref_w) = results
     assert out.dtype == torch.bfloat16 and grad_w.dtype == ref_w.dtype
     assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_x)
