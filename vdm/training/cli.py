@@ -50,8 +50,11 @@ def check(config) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from vdm.training.engine import check_precision
+
     try:
         config = load_config(args.config, args.overrides)
+        check_precision(config.train)  # before any process group: a device that cannot train in it
     except (ConfigError, FileNotFoundError) as err:
         print(f"vdm-train: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vdm.config import TrainConfig
+from vdm.config import ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,22 @@ def set_cpu_threads(dist: DistInfo, environ) -> int:
     if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
     return torch.get_num_threads()
+
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_precision(train: TrainConfig) -> None:
+    """Fail at start, naming the key, when this machine's DeepSpeed accelerator cannot train in
+    `train.precision`: DeepSpeed's CPU accelerator takes fp16 only where oneDNN has fp16 kernels
+    (AVX512-FP16 or AMX-FP16; not on AMD Zen 4, for one), and otherwise raises deep in initialize."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = [name for name, dtype in PRECISION_DTYPES.items() if dtype in accelerator.supported_dtypes()]
+    if train.precision not in supported:
+        raise ConfigError(f"train.precision: {train.precision} is not supported on this machine "
+                          f"(DeepSpeed accelerator '{accelerator.device_name()}'); allowed here: {', '.join(supported)}")
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
