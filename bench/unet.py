@@ -18,6 +18,10 @@ the memory held before the steps. FLOPs are
 model FLOPs of one fwd+bwd step without recompute (FlopCounterMode, with CPU flash attention
 registered), so checkpointing shows as lower MFU.
 
+Dense rate: the bf16 3x3 convolutions of the fixed config's levels are timed too; where oneDNN's
+convolutions outrun every matmul shape (Zen 4), the summary also gives the step's share of that
+higher rate.
+
 Roofline: the script also measures the memory bandwidth (a large tensor copy) and counts the
 operand bytes of the step (every input and output of every aten op that moves data, in the dtype
 it ran in; views, aliasing reshapes and bare allocations are not counted). bytes / bandwidth is
@@ -107,34 +111,57 @@ PEAK_SHAPES = {"cpu": ((2048, 2048, 2048), (4096, 4096, 4096), (8192, 1024, 1024
                "cuda": ((8192, 8192, 8192), (16384, 4096, 4096), (32768, 3072, 3072))}
 
 
-def matmul_peak(device, dtype, rounds=3, seconds=0.05):
-    """Best achieved FLOP/s over large matmuls of several shapes, in rounds that alternate the
-    shapes (so host noise hits all of them): the machine's practical peak for this dtype.
+# (channels, side) of 3x3 convolutions like the fixed config's, at each of its levels (batch 32,
+# channels-last): on some CPUs oneDNN's convolutions outrun every matmul shape above (Zen 4: 0.45-0.50
+# against 0.39-0.42 TFLOP/s bf16), so the best dense rate this machine reaches is reported beside the peak.
+CONV_SHAPES = ((64, 64), (128, 32), (256, 16), (512, 8))
+
+
+def best_rate(device, cases, rounds=3, seconds=0.05):
+    """Best FLOP/s over `cases` [(label, flops, fn)], timed in rounds that alternate the cases (so
+    host noise hits all of them). Returns (FLOP/s, label of the case that reached it)."""
+    timed = []
+    for label, flops, fn in cases:
+        for _ in range(2):
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        timed.append((label, flops, fn, max(2, int(seconds / (time.perf_counter() - start)))))
+    best = (0.0, None)
+    for _ in range(rounds):
+        for label, flops, fn, reps in timed:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(device)
+            best = max(best, (flops * reps / (time.perf_counter() - start), label))
+    return best
+
+
+def matmul_peak(device, dtype):
+    """The machine's practical matmul peak for this dtype: best rate over PEAK_SHAPES.
     Returns (FLOP/s, (m, k, n) of the shape that reached it)."""
     cases = []
     for m, k, n in PEAK_SHAPES[device.type]:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
         out = torch.empty(m, n, device=device, dtype=dtype)
-        for _ in range(2):
-            torch.mm(a, b, out=out)
-        sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync(device)
-        reps = max(2, int(seconds / (time.perf_counter() - start)))
-        cases.append(((m, k, n), a, b, out, reps))
-    best = (0.0, None)
-    for _ in range(rounds):
-        for shape, a, b, out, reps in cases:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b, out=out)
-            sync(device)
-            rate = 2 * math.prod(shape) * reps / (time.perf_counter() - start)
-            best = max(best, (rate, shape))
-    return best
+        cases.append(((m, k, n), 2 * m * k * n, lambda a=a, b=b, out=out: torch.mm(a, b, out=out)))
+    return best_rate(device, cases)
+
+
+def conv_rate(device, dtype, batch=32):
+    """Best forward rate of 3x3 convolutions at CONV_SHAPES. Returns (FLOP/s, (channels, side))."""
+    cases = []
+    for c, side in CONV_SHAPES:
+        x = torch.randn(batch, c, side, side, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 3, 3, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        cases.append(((c, side), 2 * batch * side * side * c * c * 9,
+                      lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1)))
+    return best_rate(device, cases)
 
 
 def copy_bandwidth(device, mb=512, reps=5):
@@ -397,8 +424,9 @@ def main():
     peaks_after = {name: matmul_peak(device, dt) for name, dt in DTYPES.items()}
     peak_shapes = {k: max(peaks[k], peaks_after[k])[1] for k in peaks}
     peaks = {k: max(peaks[k], peaks_after[k])[0] for k in peaks}
+    conv = conv_rate(device, DTYPES["bf16"])
     bandwidth = max(bandwidth, copy_bandwidth(device))
-    report(rows, peaks, peak_shapes, bandwidth, device, args, fixed_frames, load,
+    report(rows, peaks, peak_shapes, conv, bandwidth, device, args, fixed_frames, load,
            os.getloadavg()[0])
     if device.type == "cpu":
         kept = rows[-2]  # the case default_malloc repeats
@@ -416,7 +444,7 @@ def main():
               f"compiling took {compiled['compile_s']:.0f} s")
 
 
-def report(rows, peaks, peak_shapes, bandwidth, device, args, fixed_frames, load_before,
+def report(rows, peaks, peak_shapes, conv, bandwidth, device, args, fixed_frames, load_before,
            load_after):
     print(f"\nUnet3D fwd+bwd on {device.type} ({args.threads} threads); fixed config has "
           f"{fixed_frames} frames; load average {load_before:.1f} -> {load_after:.1f}")
@@ -424,6 +452,8 @@ def report(rows, peaks, peak_shapes, bandwidth, device, args, fixed_frames, load
     print(f"matmul peak (best of {len(PEAK_SHAPES[device.type])} shapes): fp32 "
           f"{peaks['fp32'] / 1e12:.3f} TFLOP/s at {shape['fp32']}, bf16 {peaks['bf16'] / 1e12:.3f} "
           f"TFLOP/s at {shape['bf16']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"bf16 3x3 convolution forward (best of {len(CONV_SHAPES)} levels): {conv[0] / 1e12:.3f} TFLOP/s at "
+          f"{conv[1][0]} channels {conv[1][1]}x{conv[1][1]}, {conv[0] / peaks['bf16']:.2f}x the bf16 matmul peak")
     head = f"{'config':6} {'dtype':5} {'ckpt':5} {'s/step':>8} {'peak MB':>9} " \
            f"{'GFLOP':>8} {'TFLOP/s':>8} {'% peak':>7} {'GB ops':>7} {'roof s':>7} {'ceiling':>7}"
     print(head)
@@ -457,6 +487,9 @@ def report(rows, peaks, peak_shapes, bandwidth, device, args, fixed_frames, load
               f"measured bf16 matmul peak (target 35%); streaming its operand bytes once at the "
               f"measured bandwidth caps this op sequence at {100 * fixed['ceiling']:.1f}%, and the step "
               f"runs at {fixed['roofline_s'] / fixed['seconds']:.0%} of that roofline")
+        dense = max(peaks["bf16"], conv[0])
+        print(f"  against the best dense rate measured here ({dense / 1e12:.3f} TFLOP/s, the higher of the "
+              f"matmul peak and the 3x3 convolutions): {100 * fixed['flops'] / fixed['seconds'] / dense:.1f}%")
 
 
 def print_breakdown(row, peak, target=0.35):
