@@ -42,7 +42,8 @@ def set_cpu_threads(dist: DistInfo, environ) -> int:
     return torch.get_num_threads()
 
 
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_DTYPES = {  # train.precision -> torch dtype (autocast, the accelerator check)
+    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def check_precision(train: TrainConfig) -> None:

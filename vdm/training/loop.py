@@ -18,7 +18,7 @@ from vdm.build import build_diffusion, build_unet
 from vdm.config import Config, DataConfig
 from vdm.training import checkpoint
 from vdm.training.ema import EMA
-from vdm.training.engine import DistInfo, all_reduce_mean, initialize
+from vdm.training.engine import PRECISION_DTYPES, DistInfo, all_reduce_mean, initialize
 from vdm.training.metrics import make_writer
 
 log = logging.getLogger("vdm.train")
@@ -29,8 +29,7 @@ def autocast(device: torch.device, precision: str):
     """Autocast alongside DeepSpeed's bf16/fp16 weights: norms and softmax stay fp32, inputs get cast."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def train_step(engine, batch, precision: str, prob_focus_present: float) -> torch.Tensor:
