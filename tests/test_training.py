@@ -64,15 +64,15 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     gifs = make_demo_dataset(root / "gifs", n=48, size=16, frames=4, seed=1)
     assert shard_main([str(gifs), str(root / "shards"), "--frames", "4", "--size", "16", "--shard-size", "6",
-                       "--workers", "1"]) == 0
+                       "--workers", "1", "--val-fraction", "0.2"]) == 0  # shards/val: the validation split
     return root / "shards"
 
 
 @pytest.fixture(scope="module")
 def straight_run(shards, tmp_path_factory):
-    """6 steps in one go, checkpoints at 3 and 6."""
+    """6 steps in one go, checkpoints and validation losses at 3 and 6."""
     out = tmp_path_factory.mktemp("straight")
-    log = deepspeed_train(out, shards, "train.steps=6", "train.save_every=3", "train.keep_last=1")
+    log = deepspeed_train(out, shards, "train.steps=6", "train.save_every=3", "train.keep_last=1", "log.val_every=3")
     return out, log
 
 
@@ -104,7 +104,8 @@ def test_two_rank_run_writes_sharded_checkpoint_and_tensorboard(straight_run):
 
 
 def test_resume_continues_to_the_same_state(straight_run, shards, tmp_path):
-    """Stop at 3 of 6 steps, resume: the same losses, weights and EMA as 6 steps in one go.
+    """Stop at 3 of 6 steps, resume: the same losses, weights and EMA as 6 steps in one go (which
+    also ran validation at step 3: it leaves the training's data, noise and weights alone).
 
     The first resumed step is bit-identical (same weights, Adam moments, LR, data, noise and
     timesteps). DeepSpeed's fused CPU Adam then rounds the fp32 master weights differently by about
@@ -129,6 +130,40 @@ def test_resume_continues_to_the_same_state(straight_run, shards, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3, msg=key)
+
+
+def test_validation_loss_is_logged_and_does_not_depend_on_the_rank_count(straight_run, shards, tmp_path):
+    """val/loss at steps 3 and 6 of the 2-rank run; step 6's equals the same raw weights' validation
+    loss evaluated again in this one process (bf16 as in training): fixed timesteps and noise per video."""
+    from vdm.config import DataConfig
+    from vdm.data.stream import build_val_loader
+    from vdm.sampling.consolidate import consolidate
+    from vdm.sampling.pipeline import load_pipeline
+    from vdm.training.validation import evaluate
+
+    run, log = straight_run
+    val = scalars(run / "tb", "val/loss")
+    assert [s for s, _ in val] == [3, 6] and all(0 < v < float("inf") for _, v in val)
+    n_val = json.loads((shards / "val/manifest.json").read_text())["total_samples"]
+    assert f"step 6 val loss {val[1][1]:.4f} ({n_val} videos)" in log
+    assert sum(len(scalars(run / "tb", f"val/loss_t{b}")) for b in ("low", "mid", "high")) >= 2
+
+    diffusion = load_pipeline(consolidate(run, tmp_path / "raw", weights="model")).diffusion
+    diffusion.to(torch.bfloat16)  # as DeepSpeed's bf16 engine holds it; the schedule stays fp32
+    loader = build_val_loader(DataConfig(shards=str(shards), num_workers=0), batch_size=3, rank=0, world_size=1,
+                              expect_cond_dim=384)
+    again = evaluate(diffusion, loader, torch.device("cpu"), "bf16")
+    assert again["videos"] == n_val
+    assert abs(again["loss"] - val[1][1]) <= 1e-3 * val[1][1], (again, val)
+
+
+def test_validation_without_val_shards_fails_at_start(shards):
+    """No val/ beside the shards: vdm-train --check (what the launch scripts run first) names the key and the path."""
+    proc = subprocess.run([str(BIN / "vdm-train"), "--config", str(ROOT / "configs/demo.yaml"), "--check",
+                           f"data.shards={shards / 'val'}", "train.micro_batch_size=2", "log.val_every=5"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "log.val_every=5" in proc.stderr and str(shards / "val" / "val") in proc.stderr
 
 
 def test_incomplete_tag_is_ignored_on_resume(straight_run, shards, tmp_path):
@@ -235,13 +270,15 @@ def test_two_nodes_on_loopback_with_torchrun(shards, tmp_path):
 
 @pytest.mark.parametrize("precision,stage", [("bf16", 3), ("fp16", 1)])
 def test_other_zero_stages_and_fp16_train_save_and_consolidate(shards, tmp_path, precision, stage):
-    """ZeRO 3 (parameters partitioned: EMA gathers them) and fp16 (dynamic loss scale) end to end."""
+    """ZeRO 3 (parameters partitioned: EMA gathers them) and fp16 (dynamic loss scale) end to end; with
+    one validation video, so one rank has none and must still join the other's forward calls."""
     from deepspeed.accelerator import get_accelerator
 
     from vdm.sampling.consolidate import consolidate
     from vdm.sampling.pipeline import load_pipeline
 
-    args = ("train.steps=3", "train.save_every=3", f"train.precision={precision}", f"train.zero_stage={stage}")
+    args = ("train.steps=3", "train.save_every=3", f"train.precision={precision}", f"train.zero_stage={stage}",
+            "log.val_every=3", "log.val_max_videos=1")
     if precision == "fp16" and torch.float16 not in get_accelerator().supported_dtypes():
         # DeepSpeed's CPU accelerator has no fp16 without oneDNN fp16 kernels (AMD Zen 4, for one):
         # the launch must stop at start, naming the key and what this machine allows.
@@ -252,7 +289,7 @@ def test_other_zero_stages_and_fp16_train_save_and_consolidate(shards, tmp_path,
         assert not (tmp_path / "checkpoints").exists()
         pytest.skip("fp16 training: DeepSpeed's accelerator has no fp16 here (the start-up error was checked)")
     log = deepspeed_train(tmp_path, shards, *args)
-    assert "done: step 3" in log
+    assert "done: step 3" in log and "step 3 val loss" in log and "(1 videos)" in log
     assert len(list((tmp_path / "checkpoints/step00000003").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     if precision == "fp16":
         assert [s for s, _ in scalars(tmp_path / "tb", "train/loss_scale")] == [1, 2, 3]

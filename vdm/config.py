@@ -58,6 +58,7 @@ class DataConfig:
     """Where the shards are and how they are streamed (see vdm.data.stream)."""
 
     shards: typing.Any = ""  # a vdm-shard directory, a brace pattern, a list, or pipe: commands
+    val_shards: typing.Any = None  # validation spec; None: the val/ folder beside `shards` if any; "": none
     weights: list[float] | None = None  # mix several datasets (one per entry of `shards`)
     mode: str = "epoch"  # epoch: each sample once per epoch; resampled: infinite stream
     num_workers: int = 2
@@ -104,6 +105,8 @@ class LogConfig:
     sample_every: int = 0  # 0: no sample videos during training
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 20
+    val_every: int = 0  # steps between validation losses on data.val_shards (and at the end); 0: off
+    val_max_videos: int = 256  # the first N validation videos, all ranks together (0: all)
 
 
 @dataclass
@@ -264,3 +267,19 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.lr: must be > 0, got {config.train.lr!r}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {config.data.num_workers!r}")
+    _validate_validation(config)
+
+
+def _validate_validation(config: Config) -> None:
+    """The validation keys: log.val_every and log.val_max_videos, and data.val_shards when it is needed."""
+    for key in ("val_every", "val_max_videos"):
+        if getattr(config.log, key) < 0:
+            raise ConfigError(f"log.{key}: must be >= 0, got {getattr(config.log, key)!r}")
+    spec = config.data.val_shards
+    if spec is not None and spec is not False and not isinstance(spec, (str, list, dict)):
+        raise ConfigError(f"data.val_shards: expected a shard spec (a vdm-shard directory, a brace pattern, a "
+                          f"list), null (the val/ folder beside data.shards) or \"\" (none), got {spec!r}")
+    if config.log.val_every and spec in ("", False, []):
+        raise ConfigError(f"log.val_every={config.log.val_every} needs validation shards but data.val_shards is "
+                          f"{spec!r} (none); set data.val_shards to a spec or null (the val/ folder beside "
+                          f"data.shards), or log.val_every=0")

@@ -28,6 +28,7 @@ TEXT_KEY = "txt"
 META_KEY = "json"
 SAMPLE_KEYS = (FRAMES_KEY, EMB_KEY, TEXT_KEY, META_KEY)
 MANIFEST_NAME = "manifest.json"
+VAL_DIR = "val"  # vdm-shard --val-fraction writes the validation split here, beside the training shards
 
 
 class SampleError(ValueError):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import braceexpand
 
-from vdm.data.format import MANIFEST_NAME, Manifest, read_manifest
+from vdm.data.format import MANIFEST_NAME, VAL_DIR, Manifest, read_manifest
 
 RAW_MEDIA = (".gif", ".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v")
 _SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "file:")
@@ -171,6 +171,31 @@ def resolve_shards(spec) -> list[ShardSet]:
         else:
             sets.append(_from_pattern(item))
     return sets
+
+
+def val_dirs_beside(spec) -> tuple[list[str], list[str]]:
+    """The validation folders (VAL_DIR) beside the local datasets of a training spec: (existing, looked for).
+
+    Remote and ``pipe:`` specs have no folder beside them, except a mapping's local ``manifest``.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike, Mapping)) else list(spec or [])
+    looked = []
+    for item in items:
+        if isinstance(item, Mapping):
+            item = item.get("manifest")
+        local = None if item is None else _local_path(str(item))
+        if not local:
+            continue
+        path = Path(local)
+        if path.is_dir():
+            root = path
+        elif path.name == MANIFEST_NAME:
+            root = path.parent
+        else:  # a brace pattern or glob: the folder of its first shard
+            root = Path(next(iter(braceexpand.braceexpand(local.split("::")[0])), local)).parent
+        looked.append(str(root / VAL_DIR))
+    looked = list(dict.fromkeys(looked))
+    return [p for p in looked if Path(p).is_dir()], looked
 
 
 def merged_manifest(sets: list[ShardSet]) -> Manifest | None:

@@ -14,6 +14,10 @@ decoding, what was consumed: exact to the sample, given the same shards, seed, w
 workers and batch size. Resampled mode draws shards with replacement, seeded by (seed, resume
 count, rank, worker), so a resumed run continues with new randomness instead of a replay.
 
+Evaluation (``build_val_loader``). One pass over the validation shards in their listed order, no
+shuffle, no flips: slot s of S reads samples [s*N//S, (s+1)*N//S) of the first N, so rank r reads
+[r*N//R, (r+1)*N//R) whatever the workers; every sample once, the last batch of a slot short.
+
 Bad data never stops a run: unreadable tars, bad members and wrong shapes are skipped and counted;
 counts travel inside the batches to the main process, see ``ShardLoader.stats``.
 """
@@ -35,11 +39,11 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vdm.data.format import Manifest, SampleError, decode_sample
-from vdm.data.spec import Shard, ShardSet, check_manifest, merged_manifest, resolve_shards
+from vdm.data.format import VAL_DIR, Manifest, SampleError, decode_sample
+from vdm.data.spec import Shard, ShardSet, check_manifest, merged_manifest, resolve_shards, val_dirs_beside
 from vdm.text import pad_embeddings
 
-__all__ = ["Batch", "LoaderState", "ShardLoader", "build_loader", "resolve_shards"]
+__all__ = ["Batch", "LoaderState", "ShardLoader", "build_loader", "build_val_loader", "resolve_shards"]
 log = logging.getLogger(__name__)
 
 _REASONS = (("no frames.npy", "missing frames.npy"), ("frames.npy: not a readable", "unreadable frames.npy"),
@@ -135,6 +139,11 @@ def _epoch_plan(shards: list[Shard], seed: int, epoch: int, lo: int, hi: int) ->
     """Pieces (url, start, stop) holding samples [lo, hi) of the epoch's shuffled shard sequence."""
     order = list(range(len(shards)))
     random.Random(_mix_seed(seed, "shards", epoch)).shuffle(order)
+    return _pieces(shards, order, lo, hi)
+
+
+def _pieces(shards: list[Shard], order, lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """Pieces (url, start, stop) holding samples [lo, hi) of the shards read in ``order``."""
     plan, offset = [], 0
     for i in order:
         n = shards[i].samples
@@ -161,13 +170,18 @@ class _SlotStream(IterableDataset):
         self.shards, self.probs = loader._shards, loader._probs
         self.mode, self.seed, self.epoch, self.skip = loader.mode, loader.seed, epoch, skip
         self.rank, self.slots_per_rank, self.quota = loader.rank, loader.slots_per_rank, loader._quota
+        self.slots, self.limit = loader.world_size * loader.slots_per_rank, loader.limit
         self.batch_size, self.buffer, self.hflip = loader.batch_size, loader.shuffle_buffer, loader.hflip
         self.expect, self.want_text = loader.manifest, loader.want_text
 
     def _epoch_samples(self, worker: int, counts: Counter):
         slot = self.rank * self.slots_per_rank + worker
-        for url, start, stop in _epoch_plan(self.shards, self.seed, self.epoch, slot * self.quota,
-                                            (slot + 1) * self.quota):
+        if self.mode == "eval":
+            lo, hi = slot * self.limit // self.slots, (slot + 1) * self.limit // self.slots
+            plan = _pieces(self.shards, range(len(self.shards)), lo, hi)
+        else:
+            plan = _epoch_plan(self.shards, self.seed, self.epoch, slot * self.quota, (slot + 1) * self.quota)
+        for url, start, stop in plan:
             yield from _read_shard(url, start, stop, counts)
 
     def _resampled_samples(self, rng: random.Random, counts: Counter):
@@ -186,7 +200,7 @@ class _SlotStream(IterableDataset):
         worker = (info.id + self.rotate) % info.num_workers if info is not None else 0
         counts: Counter = Counter()
         rng = random.Random(_mix_seed(self.seed, self.mode, self.epoch, self.rank, worker))
-        raw = self._epoch_samples(worker, counts) if self.mode == "epoch" else self._resampled_samples(rng, counts)
+        raw = self._resampled_samples(rng, counts) if self.mode == "resampled" else self._epoch_samples(worker, counts)
         pending, pos, skip, warned = [], 0, self.skip[worker], 0
         for sample in _shuffle(raw, self.buffer, rng):
             pos += 1
@@ -208,6 +222,11 @@ class _SlotStream(IterableDataset):
                 yield _Packet(self._collate(pending), worker, pos, dict(counts))
                 pending = []
                 counts.clear()  # in place: the shard reader holds this Counter too
+        if pending and self.mode == "eval":  # evaluation reads every sample: a short last batch
+            counts["samples"] += len(pending)
+            yield _Packet(self._collate(pending), worker, pos, dict(counts))
+            pending = []
+            counts.clear()
         counts["dropped_partial"] += len(pending)  # only short when bad samples thinned this slot
         yield _Packet(None, worker, pos, dict(counts))
 
@@ -264,8 +283,9 @@ class ShardLoader:
 
     def __init__(self, sets: list[ShardSet], manifest: Manifest, mode: str, batch_size: int, rank: int,
                  world_size: int, seed: int, num_workers: int, shuffle_buffer: int, hflip: bool,
-                 weights: list[float] | None, pin_memory: bool, want_text: bool):
+                 weights: list[float] | None, pin_memory: bool, want_text: bool, limit: int = 0):
         self.manifest, self.mode, self.batch_size, self.seed = manifest, mode, batch_size, seed
+        self.limit = limit  # eval mode: how many samples, from the start of the shard list
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.slots_per_rank = max(num_workers, 1)
         self.shuffle_buffer, self.hflip, self.want_text = shuffle_buffer, hflip, want_text
@@ -356,6 +376,8 @@ class ShardLoader:
             yield batch
 
     def __iter__(self):
+        if self.mode == "eval":  # one pass each time
+            return self._batches(0, [0] * self.slots_per_rank)
         return self._epochs() if self.mode == "epoch" else self._resampled()
 
 
@@ -398,3 +420,29 @@ def build_loader(cfg, batch_size: int, rank: int, world_size: int, seed: int, st
     if state:
         loader.load_state_dict(state)
     return loader
+
+
+def build_val_loader(cfg, batch_size: int, rank: int, world_size: int, max_videos: int = 0,
+                     pin_memory: bool = False, expect_cond_dim: int | None = None) -> ShardLoader:
+    """One pass over the validation shards (``cfg.val_shards``, else the VAL_DIR folders beside
+    ``cfg.shards``), this rank's share of the first ``max_videos`` (0: all) in listed order."""
+    spec = cfg.val_shards
+    if spec is None:
+        spec, looked = val_dirs_beside(cfg.shards)
+        if not spec:
+            raise ValueError(f"no validation shards: data.val_shards is unset and there is no {VAL_DIR}/ folder "
+                             f"beside data.shards (looked for {', '.join(looked) or 'nothing: no local data.shards'});"
+                             f" write one with vdm-shard --val-fraction, or set data.val_shards")
+    elif spec in ("", False):
+        raise ValueError("data.val_shards is off (\"\")")
+    sets = resolve_shards(spec)
+    manifest = check_manifest(cfg, merged_manifest(sets), expect_cond_dim)
+    unknown = [s.url for ss in sets for s in ss.shards if s.samples is None]
+    if unknown:
+        raise ValueError(f"data.val_shards: validation reads each sample once and needs each shard's sample count; "
+                         f"no manifest.json lists {unknown[0]}; keep vdm-shard's manifest beside the shards")
+    total = sum(ss.total_samples for ss in sets)
+    limit = min(total, max_videos) if max_videos else total
+    return ShardLoader(sets, manifest, "eval", batch_size, rank, world_size, seed=0, num_workers=cfg.num_workers,
+                       shuffle_buffer=0, hflip=False, weights=None, pin_memory=pin_memory,
+                       want_text=expect_cond_dim != 0, limit=limit)

@@ -169,8 +169,10 @@ class GaussianDiffusion(nn.Module):
             return snr.clamp(max=gamma)
         return snr.clamp(max=gamma) / (snr + 1)
 
-    def p_losses(self, x_start, t, noise=None, cond=None, cond_mask=None, **denoiser_kwargs):
-        """Loss at given timesteps t (b,) for x_start in [−1, 1]; the loss itself is computed in fp32."""
+    def p_losses(self, x_start, t, noise=None, cond=None, cond_mask=None, reduction="mean", **denoiser_kwargs):
+        """Loss at given timesteps t (b,) for x_start in [−1, 1], computed in fp32: the batch's mean,
+        or with reduction="none" one loss per video (b,)."""
+        _check_choice("reduction", reduction, ("mean", "none"))
         in_dtype = x_start.dtype
         x_start = x_start.float()
         noise = self._training_noise(x_start) if noise is None else noise.float()
@@ -189,7 +191,7 @@ class GaussianDiffusion(nn.Module):
             loss = loss.mean(dim=tuple(range(1, loss.ndim)))
             if self.min_snr_gamma is not None:
                 loss = loss * self._min_snr_weight(t)
-            return loss.mean()
+            return loss.mean() if reduction == "mean" else loss
 
     def forward(self, videos, cond=None, cond_mask=None, **denoiser_kwargs):
         """Training loss for a batch of videos (b, c, f, h, w) at uniformly drawn timesteps."""

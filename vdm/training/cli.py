@@ -37,11 +37,13 @@ def setup_logging(is_main: bool) -> None:
 def check(config) -> int:
     """Validate what can be validated without processes: config, shards, manifest vs model."""
     from vdm.data.stream import build_loader
-    from vdm.training.loop import resolve_data_facts
+    from vdm.training.loop import build_val_loader_for, resolve_data_facts
 
     loader = build_loader(config.data, batch_size=config.train.micro_batch_size, rank=0, world_size=1,
                           seed=config.train.seed, expect_cond_dim=config.model.cond_dim or None)
     facts = resolve_data_facts(config, loader.manifest)
+    if config.log.val_every:
+        build_val_loader_for(config, facts, rank=0, world_size=1, cond_dim=config.model.cond_dim or None)
     print(f"config ok: {facts['frames']} frames {facts['image_size']}x{facts['image_size']}, "
           f"encoder {facts['encoder']} ({facts['encoder_dim']}), {config.train.steps} steps, "
           f"precision {config.train.precision}, ZeRO {config.train.zero_stage}, output {config.train.output_dir}")
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     if dist.is_main:
         first, last = summary["first_loss"], summary["last_loss"]
         losses = "no new steps" if first is None else f"loss {first:.4f} -> {last:.4f}"
+        if summary["val_loss"] is not None:
+            losses += f", val loss {summary['val_loss']:.4f}"
         log.info("done: step %d, %s, %.0fs, skipped samples %d; checkpoint %s; TensorBoard %s",
                  summary["step"], losses, time.perf_counter() - start, summary["loader"].get("skipped", 0),
                  summary["checkpoint"], trainer.out / "tb")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,6 +45,13 @@ def set_cpu_threads(dist: DistInfo, environ) -> int:
 
 PRECISION_DTYPES = {  # train.precision -> torch dtype (autocast, the accelerator check)
     "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast alongside DeepSpeed's bf16/fp16 weights: norms and softmax stay fp32, inputs get cast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def check_precision(train: TrainConfig) -> None:
@@ -161,6 +169,17 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
         values /= dist.get_world_size()
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of a small tensor over all ranks, reduced on `device` (the engine's: NCCL reduces no CPU
+    tensors); the result stays there. Without a process group, the values themselves."""
+    import torch.distributed as dist
+
+    values = values.to(device, copy=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
     return values
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -18,18 +17,11 @@ from vdm.build import build_diffusion, build_unet
 from vdm.config import Config, DataConfig
 from vdm.training import checkpoint
 from vdm.training.ema import EMA
-from vdm.training.engine import PRECISION_DTYPES, DistInfo, all_reduce_mean, initialize
+from vdm.training.engine import DistInfo, all_reduce_mean, autocast, initialize
 from vdm.training.metrics import make_writer
 
 log = logging.getLogger("vdm.train")
 RUN_CONFIG = "run_config.json"
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast alongside DeepSpeed's bf16/fp16 weights: norms and softmax stay fp32, inputs get cast."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def train_step(engine, batch, precision: str, prob_focus_present: float) -> torch.Tensor:
@@ -59,6 +51,19 @@ def resolve_data_facts(config: Config, manifest) -> dict:
     return facts
 
 
+def build_val_loader_for(config: Config, facts: dict, rank: int, world_size: int, cond_dim: int | None):
+    """This rank's share of the validation shards, checked against the training data's geometry;
+    a ValueError naming log.val_every and what was looked for when there are none."""
+    from vdm.data.stream import build_val_loader
+
+    data = replace(config.data, frames=facts["frames"], image_size=facts["image_size"])
+    try:
+        return build_val_loader(data, batch_size=config.train.micro_batch_size, rank=rank, world_size=world_size,
+                                max_videos=config.log.val_max_videos, expect_cond_dim=cond_dim)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"log.val_every={config.log.val_every}: {err}") from None
+
+
 class Trainer:
     """Owns the engine, EMA, loader and writer for one run; `fit()` trains to `train.steps`."""
 
@@ -80,6 +85,10 @@ class Trainer:
         self.facts = resolve_data_facts(config, self.loader.manifest)
         cond_dim = config.model.cond_dim if config.model.cond_dim is not None else (self.facts["encoder_dim"] or 0)
         self.model_config = replace(config.model, cond_dim=cond_dim, channels=self.facts["channels"])
+        self.val_loader = None
+        if config.log.val_every:
+            self.val_loader = build_val_loader_for(config, self.facts, dist.rank, dist.world_size, cond_dim)
+            log.info("validation: %d videos every %d steps", self.val_loader.limit, config.log.val_every)
 
         self.unet = build_unet(self.model_config)
         diffusion = build_diffusion(self.unet, config.diffusion, self.facts["image_size"], self.facts["frames"],
@@ -121,7 +130,7 @@ class Trainer:
         train, logcfg = self.config.train, self.config.log
         signal.signal(signal.SIGTERM, self._handle_sigterm)
         batches = iter(self.loader)
-        first_loss = last_loss = None
+        first_loss = last_loss = val_loss = None
         window = {"loss": 0.0, "n": 0, "data_time": 0.0, "videos": 0}
         bad_in_a_row = 0
         t_last = time.perf_counter()
@@ -140,7 +149,7 @@ class Trainer:
                 loss = train_step(self.engine, batch, train.precision, self.config.diffusion.prob_focus_present)
                 # One small all-reduce lets every rank agree to skip a non-finite loss and to stop on SIGTERM.
                 flags = all_reduce_mean(torch.tensor([loss.item(), float(not torch.isfinite(loss)),
-                                                      float(self.stop_requested)]))
+                                                      float(self.stop_requested)], device=self.engine.device))
                 stop = stop or flags[2].item() > 0
                 if flags[1].item() > 0:
                     bad_in_a_row += 1
@@ -171,13 +180,15 @@ class Trainer:
                 t_last = time.perf_counter()
             if logcfg.sample_every and self.step % logcfg.sample_every == 0:
                 self._log_samples(batch)
+            if self.val_loader is not None and (self.step % logcfg.val_every == 0 or self.step == end):
+                val_loss = self.validate()
             if self.step % train.save_every == 0 or self.step == end or stop:
                 self.save()
             if stop:
                 log.warning("SIGTERM: saved step %d and stopping; rerun the same command to resume", self.step)
                 break
         self.writer.close()
-        return {"step": self.step, "first_loss": first_loss, "last_loss": last_loss,
+        return {"step": self.step, "first_loss": first_loss, "last_loss": last_loss, "val_loss": val_loss,
                 "checkpoint": str(self.ckpt_dir / checkpoint.tag_for(self.step)), "loader": self.loader.stats()}
 
     def _log(self, window: dict, elapsed: float) -> None:
@@ -204,6 +215,23 @@ class Trainer:
             w.add_scalar("train/skipped_steps", float(self.engine.skipped_steps), self.step)
         w.add_scalars_from("data", {k: v for k, v in stats.items() if not isinstance(v, dict)}, self.step)
         w.flush()
+
+    def validate(self) -> float | None:
+        """The validation loss of the engine's (raw, not EMA) weights, logged as val/loss at this step."""
+        from vdm.training.validation import evaluate
+
+        # The validation loader's workers are seeded from the global RNG: keep the training stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate(self.engine.module, self.val_loader, self.engine.device, self.config.train.precision)
+        if result["loss"] is None:
+            log.warning("step %d: no readable validation videos", self.step)
+            return None
+        log.info("step %d val loss %.4f (%d videos)", self.step, result["loss"], result["videos"])
+        self.writer.add_scalar("val/loss", result["loss"], self.step)
+        for bucket, value in result["loss_t"].items():
+            self.writer.add_scalar(f"val/loss_t{bucket}", value, self.step)
+        self.writer.flush()
+        return result["loss"]
 
     @torch.no_grad()
     def _log_samples(self, batch) -> None:
