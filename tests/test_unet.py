@@ -236,13 +236,18 @@ def test_attention_layouts_match_plain_formulas():
         for g_got, g_want in zip(torch.autograd.grad(got, wrt, upstream), torch.autograd.grad(want, wrt, upstream)):
             torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
 
-    def normed_qkv(mod):
+    def normed_qkv(mod, pos=None):
         t = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), mod.gamma, None, 1e-5)
+        if pos is not None:  # (f, c), added to every position of each frame
+            t = t + pos.repeat(t.shape[0] // pos.shape[0], 1)[:, None, None, :]
         return (rearrange(u, "n h w (m e) -> n h w m e", m=heads) for u in mod.to_qkv(t).chunk(3, -1))
 
     temporal, rpb = TemporalAttention(6, heads, d), RelativePositionBias(heads)
     bias = rpb(frames, x.device)
-    q, k, v = (rearrange(u, "(b f) h w m e -> b h w m f e", f=frames) for u in normed_qkv(temporal))
+    # The frame's absolute position: sines then cosines of f / 10000^(i / (c/2 - 1)), i < c/2.
+    angle = torch.arange(frames)[:, None] / 10000 ** (torch.arange(3) / 2)
+    pos = torch.cat((angle.sin(), angle.cos()), dim=-1)
+    q, k, v = (rearrange(u, "(b f) h w m e -> b h w m f e", f=frames) for u in normed_qkv(temporal, pos))
     attn = (torch.einsum("bhwmie,bhwmje->bhwmij", q, k) * d ** -0.5 + bias).softmax(-1)
     out = rearrange(torch.einsum("bhwmij,bhwmje->bhwmie", attn, v), "b h w m f e -> (b f) h w (m e)")
     want = x + temporal.to_out(out).permute(0, 3, 1, 2)
@@ -321,3 +326,46 @@ def test_guidance_runs_through_module_hooks(model):
     finally:
         handle.remove()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("features", [dict(frame_cond=True, temporal_pos=False),
+                                      dict(frame_cond=False, temporal_pos=True)])
+def test_frames_know_their_place_in_time(features):
+    """A clip of one repeated frame: per-frame layers and relative-position attention alone give every
+    frame the same output, so such a model cannot start "moving left" on the right from noise; the
+    frame-position features make frames differ, and with frame_cond the difference depends on the text."""
+    x, t, cond, mask = inputs(f=1)
+    still = x.expand(-1, -1, 6, -1, -1)
+
+    def spread(model, cond):  # each frame's output minus the mean over frames
+        with torch.no_grad():
+            out = model(still, t, cond, mask)
+        return out - out.mean(dim=2, keepdim=True)
+
+    plain = tiny(frame_cond=False, temporal_pos=False)
+    assert spread(plain, cond).abs().max() < 1e-5
+    model = tiny(**features)
+    if features["frame_cond"]:
+        torch.nn.init.normal_(model.frame_cond[-1].weight, std=0.1)  # zero at init, as a fresh run has it
+    a = spread(model, cond)
+    assert a.abs().max() > 1e-2
+    if features["frame_cond"]:
+        b = spread(model, cond.flip(0))
+        assert (a - b).abs().max() > 1e-3, "the per-frame code depends on the caption"
+
+
+def test_temporal_conv_is_identity_at_init_and_mixes_neighbouring_frames():
+    """Zero-initialised, it leaves a fresh model's function alone; its kernel reads the frames before
+    and after at each position (here: frame f gets frame f-1 added), and nothing farther."""
+    from vdm.model.layers import TemporalConv
+
+    torch.manual_seed(0)
+    frames, x = 5, torch.randn(2 * 5, 4, 3, 3)  # (b f) c h w
+    conv = TemporalConv(4)
+    torch.testing.assert_close(conv(x, frames), x)
+    with torch.no_grad():
+        conv.conv.weight[:, :, 0] = torch.eye(4)  # tap 0 of a centred kernel of 3 = the previous frame
+    got = conv(x, frames).view(2, frames, 4, 3, 3)
+    v = x.view(2, frames, 4, 3, 3)
+    torch.testing.assert_close(got[:, 1:], v[:, 1:] + v[:, :-1])
+    torch.testing.assert_close(got[:, 0], v[:, 0])  # zero padding: nothing before the first frame

@@ -19,7 +19,9 @@ def build_unet(model: ModelConfig):
                   channels=model.channels, attn_heads=model.attn_heads, attn_dim_head=model.attn_dim_head,
                   init_kernel_size=model.init_kernel_size, resnet_groups=model.resnet_groups,
                   use_sparse_linear_attn=model.use_sparse_linear_attn,
-                  gradient_checkpointing=model.gradient_checkpointing)
+                  gradient_checkpointing=model.gradient_checkpointing, frame_cond=model.frame_cond,
+                  temporal_pos=model.temporal_pos, temporal_conv=model.temporal_conv,
+                  spatial_pos=model.spatial_pos)
 
 
 def build_diffusion(unet, diffusion: DiffusionConfig, image_size: int, num_frames: int, channels: int):

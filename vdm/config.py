@@ -34,6 +34,10 @@ class ModelConfig:
     resnet_groups: int = 8
     use_sparse_linear_attn: bool = True
     gradient_checkpointing: bool = False
+    frame_cond: bool = True  # per-frame conditioning from (text, frame index): what moves where, when
+    temporal_pos: bool = True  # absolute frame position in every temporal attention's input
+    temporal_conv: bool = True  # a residual 1D convolution across frames in every level (pseudo-3D)
+    spatial_pos: bool = True  # pixel coordinates as two extra input channels
 
 
 @dataclass

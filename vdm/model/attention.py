@@ -11,11 +11,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from vdm.model import cpu_kernels
-from vdm.model.layers import Linear
+from vdm.model.layers import Linear, sinusoidal_embedding
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +117,25 @@ def attend(q, k, v, mask=None, explicit: bool | None = None):
 
 
 class TemporalAttention(_PreNormAttention):
-    """Attention across frames at each spatial position, with a relative position bias.
+    """Attention across frames at each spatial position, with a relative position bias and (with
+    `absolute_pos`) each frame's sinusoidal position added to its normalised input, as AnimateDiff's
+    motion modules do: relative distances alone cannot tell the first frame from the last.
 
     `focus_present_mask` (b,) bool: those samples attend only to their own frame, which makes the
     attention output exactly the value of that frame; images and videos can then train jointly.
     """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 32, absolute_pos: bool = True):
+        super().__init__(dim, heads, dim_head)
+        self.absolute_pos = absolute_pos
+
+    def _normed_qkv(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
+        t = _to_tokens(x)
+        t = F.layer_norm(t, t.shape[-1:], self.gamma.to(t.dtype), None, 1e-5)
+        if self.absolute_pos:
+            pos = sinusoidal_embedding(torch.arange(frames, device=t.device), t.shape[-1])
+            t = t + repeat(pos.to(t.dtype), "f c -> (b f) 1 1 c", b=t.shape[0] // frames)
+        return self.to_qkv(t)
 
     def forward(self, x, frames: int, pos_bias=None, focus_present_mask=None):
         b = x.shape[0] // frames
@@ -129,9 +143,9 @@ class TemporalAttention(_PreNormAttention):
             # Softmax over a single key is 1, so the output is the value: no attention and no
             # permutes (the common case for image batches). to_qkv is called whole, not sliced,
             # so ZeRO 3 gathers its weight through the usual module hooks.
-            v = self._normed_qkv(x).chunk(3, dim=-1)[2]
+            v = self._normed_qkv(x, frames).chunk(3, dim=-1)[2]
             return x + _from_tokens(self.to_out(v))
-        qkv = self._normed_qkv(x)  # (b f) h w (3 heads d), in the channels-last layout
+        qkv = self._normed_qkv(x, frames)  # (b f) h w (3 heads d), in the channels-last layout
         if cpu_kernels.use_temporal_kernel(qkv, self.dim_head):
             # Fused CPU kernel: reads q, k, v from qkv as they are, writes (b f) h w (heads d).
             out = cpu_kernels.temporal_attention(qkv, pos_bias, frames, self.heads)

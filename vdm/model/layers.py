@@ -15,8 +15,22 @@ from torch import nn
 from vdm.model import cpu_kernels
 
 
+def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """`(n,) -> (n, dim)` fp32: sines then cosines of the positions at frequencies from 1 to 1/10000."""
+    if dim < 4 or dim % 2:
+        raise ValueError(f"sinusoidal embedding dim must be even and >= 4, got {dim}")
+    # Timesteps up to 1000 times frequencies near 1 lose all phase precision in bf16, so this
+    # runs in fp32 even under autocast.
+    half = dim // 2
+    with torch.autocast(device_type=positions.device.type, enabled=False):
+        scale = math.log(10000) / (half - 1)
+        freqs = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32) * -scale)
+        args = rearrange(positions.float(), "b -> b 1") * rearrange(freqs, "d -> 1 d")
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
 class SinusoidalPosEmb(nn.Module):
-    """Sinusoidal embedding of diffusion timesteps, `(b,) -> (b, dim)`, always in fp32."""
+    """Sinusoidal embedding of diffusion timesteps (or frame indices), `(b,) -> (b, dim)`, in fp32."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -25,14 +39,7 @@ class SinusoidalPosEmb(nn.Module):
         self.dim = dim
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
-        # Timesteps up to 1000 times frequencies near 1 lose all phase precision in bf16, so this
-        # runs in fp32 even under autocast.
-        half = self.dim // 2
-        with torch.autocast(device_type=time.device.type, enabled=False):
-            scale = math.log(10000) / (half - 1)
-            freqs = torch.exp(torch.arange(half, device=time.device, dtype=torch.float32) * -scale)
-            args = rearrange(time.float(), "b -> b 1") * rearrange(freqs, "d -> 1 d")
-            return torch.cat((args.sin(), args.cos()), dim=-1)
+        return sinusoidal_embedding(time, self.dim)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -126,6 +133,23 @@ class ResnetBlock(nn.Module):
         h = self.block1(x, scale_shift)
         h = self.block2(h)
         return h + self.res_conv(x)
+
+
+class TemporalConv(nn.Module):
+    """A residual 1D convolution across frames at each position (Make-A-Video's pseudo-3D step),
+    zero at initialisation: after a spatial convolution it can move content from one frame to the
+    next at a spatial offset, the operator that motion in a given direction is made of."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        h = rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)
+        h = rearrange(self.conv(h), "(b h w) c f -> (b f) c h w", h=x.shape[-2], w=x.shape[-1])
+        return x + h.contiguous(memory_format=torch.channels_last)
 
 
 def Downsample(dim: int) -> nn.Module:

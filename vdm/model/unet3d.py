@@ -2,12 +2,17 @@
 
 Arguments mean what they mean in lucidrains/video-diffusion-pytorch. Differences, and why:
 - GroupNorm normalises each frame on its own (the reference pools statistics over frames), so a
-  sample with `focus_present_mask` is exactly an image model applied per frame.
+  sample with `focus_present_mask` never mixes frames (each frame still knows its index).
 - Text conditioning is on token embeddings: cross-attention at every level but the highest
   resolution (`layer_cross_attns`), plus the masked mean of the tokens added to the time
   embedding; a learned null (tokens and pooled vector) is used for classifier-free guidance.
   A `(b, cond_dim)` vector is accepted as a single token.
 - The time/text vector sets a scale and shift in each ResNet block (the reference only shifts).
+- Frames know where they stand in time, and what the caption says of that time: `frame_cond` adds
+  to each frame's vector an MLP of its position and of an attention from that position over the
+  caption's tokens; `temporal_pos` adds each frame's sinusoidal position to the input of every
+  temporal attention; `temporal_conv` adds a residual 1D convolution across frames to every level;
+  `spatial_pos` gives the first convolution the pixel coordinates.
 Kept from the reference: the up path has one level fewer than the down path, so the first
 level's output is not used as a skip connection; parameter counts stay comparable.
 """
@@ -19,8 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vdm.model.attention import (CrossAttention, RelativePositionBias, SpatialAttention,
-                                 SpatialLinearAttention, TemporalAttention)
-from vdm.model.layers import Downsample, ResnetBlock, SinusoidalPosEmb, Upsample
+                                 SpatialLinearAttention, TemporalAttention, attend)
+from vdm.model.layers import Downsample, ResnetBlock, SinusoidalPosEmb, TemporalConv, Upsample
 
 
 def prob_mask_like(batch: int, prob: float, device) -> torch.Tensor:
@@ -32,13 +37,23 @@ def prob_mask_like(batch: int, prob: float, device) -> torch.Tensor:
     return torch.rand(batch, device=device) < prob
 
 
+def _coordinates(x: torch.Tensor) -> torch.Tensor:
+    """Two channels, column and row position in [-1, 1], for a `(n, c, h, w)` input."""
+    n, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack((xs.expand(h, w), ys[:, None].expand(h, w)))
+    return grid.expand(n, 2, h, w)
+
+
 class Unet3D(nn.Module):
     """3D U-Net over `(b, c, f, h, w)` videos: pseudo-3D convs, spatial + temporal attention."""
 
     def __init__(self, dim, cond_dim=None, out_dim=None, dim_mults=(1, 2, 4, 8), channels=3,
                  attn_heads=8, attn_dim_head=32, init_dim=None, init_kernel_size=7,
                  use_sparse_linear_attn=True, resnet_groups=8, max_text_len=None,
-                 gradient_checkpointing=False, layer_cross_attns=None):
+                 gradient_checkpointing=False, layer_cross_attns=None, frame_cond=True,
+                 temporal_pos=True, temporal_conv=True, spatial_pos=True):
         super().__init__()
         if init_kernel_size % 2 == 0:
             raise ValueError(f"init_kernel_size must be odd, got {init_kernel_size}")
@@ -52,9 +67,11 @@ class Unet3D(nn.Module):
 
         self.time_rel_pos_bias = RelativePositionBias(heads=attn_heads, max_distance=32)
         init_dim = init_dim or dim // 3 * 2
-        self.init_conv = nn.Conv2d(channels, init_dim, init_kernel_size,
+        self.spatial_pos = spatial_pos
+        self.init_conv = nn.Conv2d(channels + 2 * spatial_pos, init_dim, init_kernel_size,
                                    padding=init_kernel_size // 2)
-        self.init_temporal_attn = TemporalAttention(init_dim, **attn)
+        tattn = dict(attn, absolute_pos=temporal_pos)
+        self.init_temporal_attn = TemporalAttention(init_dim, **tattn)
 
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
@@ -74,6 +91,16 @@ class Unet3D(nn.Module):
                                                  nn.Linear(cond_dim, context_dim))
             self.text_to_time = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, time_dim),
                                               nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.frame_cond = None
+        if frame_cond:
+            self.frame_pos = SinusoidalPosEmb(dim)
+            # Each frame's position asks the caption's tokens what holds at that time: a per-frame
+            # attention, since a mean over tokens all but erases a single word such as "left".
+            self.frame_query = nn.Linear(dim, time_dim) if self.has_cond else None
+            self.frame_cond = nn.Sequential(nn.Linear(time_dim + dim, time_dim), nn.SiLU(),
+                                            nn.Linear(time_dim, time_dim))
+            nn.init.zeros_(self.frame_cond[-1].weight)
+            nn.init.zeros_(self.frame_cond[-1].bias)
 
         dims = [init_dim, *(dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
@@ -93,10 +120,11 @@ class Unet3D(nn.Module):
         def level(d_in, d_out, resample, cross):
             return nn.ModuleDict(dict(
                 block1=resnet(d_in, d_out), block2=resnet(d_out, d_out),
+                temporal_conv=TemporalConv(d_out) if temporal_conv else nn.Identity(),
                 spatial_attn=SpatialLinearAttention(d_out, attn_heads)
                 if use_sparse_linear_attn else nn.Identity(),
                 cross_attn=CrossAttention(d_out, context_dim, **attn) if cross else nn.Identity(),
-                temporal_attn=TemporalAttention(d_out, **attn),
+                temporal_attn=TemporalAttention(d_out, **tattn),
                 resample=resample))
 
         last = len(in_out) - 1
@@ -106,9 +134,10 @@ class Unet3D(nn.Module):
             for i, (d_in, d_out) in enumerate(in_out))
         mid = dims[-1]
         self.mid = nn.ModuleDict(dict(
-            block1=resnet(mid, mid), spatial_attn=SpatialAttention(mid, **attn),
+            block1=resnet(mid, mid), temporal_conv=TemporalConv(mid) if temporal_conv else nn.Identity(),
+            spatial_attn=SpatialAttention(mid, **attn),
             cross_attn=CrossAttention(mid, context_dim, **attn) if self.has_cond else nn.Identity(),
-            temporal_attn=TemporalAttention(mid, **attn), block2=resnet(mid, mid)))
+            temporal_attn=TemporalAttention(mid, **tattn), block2=resnet(mid, mid)))
         # As in the reference, the up path mirrors all but the first level and always upsamples;
         # the last up level ends at width `dim`.
         self.ups = nn.ModuleList(
@@ -164,6 +193,19 @@ class Unet3D(nn.Module):
         cond_mask = torch.where(null_mask[:, None], null_tmask, cond_mask)
         return self.text_to_context(cond), cond_mask, pooled
 
+    def _frame_conditioning(self, batch, frames, context, context_mask, device):
+        """`(b f, time_dim)`: an MLP of each frame's position and what it read from the caption."""
+        pos = self.frame_pos(torch.arange(frames, device=device))  # (f, dim)
+        if context is None:
+            text = pos.new_zeros(batch * frames, self.frame_cond[0].in_features - pos.shape[1])
+        else:
+            pos = pos.to(context.dtype)
+            query = repeat(self.frame_query(pos), "f d -> b 1 f d", b=batch)
+            text = attend(query, context[:, None], context[:, None], rearrange(context_mask, "b l -> b 1 1 l"))
+            text = rearrange(text, "b 1 f d -> (b f) d")
+        pos = repeat(pos, "f d -> (b f) d", b=batch).to(text.dtype)
+        return self.frame_cond(torch.cat((text, pos), dim=-1))
+
     # forward ----------------------------------------------------------------------------------
 
     def _maybe_checkpoint(self, fn, *args, **kwargs):
@@ -177,6 +219,8 @@ class Unet3D(nn.Module):
         run = self._maybe_checkpoint
         x = run(blocks["block1"], x, emb)
         x = run(blocks["block2"], x, emb)
+        if not isinstance(blocks["temporal_conv"], nn.Identity):
+            x = run(blocks["temporal_conv"], x, frames)
         if not isinstance(blocks["spatial_attn"], nn.Identity):
             x = run(blocks["spatial_attn"], x)
         if context is not None and not isinstance(blocks["cross_attn"], nn.Identity):
@@ -227,13 +271,17 @@ class Unet3D(nn.Module):
                 cond, cond_mask, null_mask.to(device=device, dtype=torch.bool), b, device)
             t = t + self.text_to_time(pooled)
         emb = repeat(t, "b d -> (b f) d", f=frames)
+        if self.frame_cond is not None:
+            emb = emb + self._frame_conditioning(b, frames, context, context_mask, device)
         pos_bias = self.time_rel_pos_bias(frames, device)
         args = (frames, pos_bias, focus, context, context_mask)
 
         # Frames folded into the batch, channels-last memory: all convs and projections then run
         # on (b f) h w c without permutes (see layers.py).
-        x = rearrange(x, "b c f h w -> (b f) c h w").contiguous(memory_format=torch.channels_last)
-        x = self.init_conv(x)
+        x = rearrange(x, "b c f h w -> (b f) c h w")
+        if self.spatial_pos:
+            x = torch.cat((x, _coordinates(x)), dim=1)
+        x = self.init_conv(x.contiguous(memory_format=torch.channels_last))
         x = self._maybe_checkpoint(self.init_temporal_attn, x, frames, pos_bias, focus)
 
         skips = []
@@ -244,6 +292,8 @@ class Unet3D(nn.Module):
 
         run = self._maybe_checkpoint
         x = run(self.mid["block1"], x, emb)
+        if not isinstance(self.mid["temporal_conv"], nn.Identity):
+            x = run(self.mid["temporal_conv"], x, frames)
         x = run(self.mid["spatial_attn"], x)
         if context is not None:
             x = run(self.mid["cross_attn"], x, frames, context, context_mask)

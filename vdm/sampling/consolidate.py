@@ -33,7 +33,10 @@ def model_config_from_run(run: dict) -> dict:
 
 def build_from_model_config(cfg: dict):
     """(unet, diffusion) on CPU in fp32, freshly initialised, from a model_config.json dict."""
-    unet = build_unet(section_from_dict(ModelConfig, cfg["model"], "model."))
+    # Models consolidated before the frame-position features existed were trained without them.
+    model = {"frame_cond": False, "temporal_pos": False, "temporal_conv": False,
+                       "spatial_pos": False} | cfg["model"]
+    unet = build_unet(section_from_dict(ModelConfig, model, "model."))
     process = section_from_dict(DiffusionConfig, cfg["diffusion"], "diffusion.")
     diffusion = build_diffusion(unet, process, cfg["image_size"],
                                 cfg["num_frames"], cfg["channels"])
