@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo learn test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ install: $(VENV)/.installed
 demo: install
 	bash launch/demo.sh
 
+# Does a trained model follow its text? Train, sample and score from nothing; writes docs/RESULTS.md.
+learn: install
+	$(BIN)/python bench/learn.py --report docs/RESULTS.md
+
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf demo_out runs .pytest_cache
+	rm -rf demo_out learn_out runs .pytest_cache

@@ -27,6 +27,10 @@ vdm-sample "$out/model" --prompt "a red circle moving left" --prompt "a blue squ
   --prompt "a yellow triangle moving right" --cond-scale 3 --steps 20 --format gif --format mp4 \
   --out "$out/samples" --no-progress
 
+echo "== reading the samples back with the checker (data_tools/shape_checker.py)"
+checker=$(python -m data_tools.shape_checker "$out/samples")
+echo "$checker"
+
 echo
 echo "demo finished in $(( $(date +%s) - start ))s"
 echo "  dataset      $out/gifs"
@@ -34,3 +38,4 @@ echo "  shards       $out/shards (manifest: $out/shards/manifest.json)"
 echo "  checkpoints  $out/run/checkpoints   TensorBoard: tensorboard --logdir $out/run/tb"
 echo "  weights      $out/model/model.safetensors + model_config.json"
 echo "  samples      $out/samples (index: $out/samples/samples.json)"
+echo "  $(echo "$checker" | tail -n 1)"
