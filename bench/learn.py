@@ -160,6 +160,28 @@ def text_sensitivity(model_dir: Path, frac: float = 0.95, draws: int = 4) -> dic
     return {"mean_x0_direction": sum(right) / len(right), "x0_change": change}
 
 
+def caption_similarity(encoder_name: str = "packaged:minilm") -> dict:
+    """How far one changed word moves the caption's encoding: cosine between each held-out caption and the
+    same caption with its colour, shape or direction word swapped, at that word's token and for the mean
+    over tokens (what the pooled conditioning sees)."""
+    from vdm.text import TextEncoder
+
+    encoder = TextEncoder(encoder_name)
+    swap = {"colour": lambda c: ("green" if c[0] != "green" else "red",) + c[1:],
+            "shape": lambda c: (c[0], "square" if c[1] != "square" else "circle", c[2]),
+            "direction": lambda c: c[:2] + ({"left": "right", "right": "left", "up": "down", "down": "up"}[c[2]],)}
+    base, mask = encoder.encode_padded([caption(c) for c in HELD_OUT])
+    out = {}
+    for word, fn in swap.items():
+        other, _ = encoder.encode_padded([caption(fn(c)) for c in HELD_OUT])
+        token = torch.nn.functional.cosine_similarity(base, other, dim=-1)  # (n, L)
+        changed = token.masked_fill(~mask, 2).min(dim=1).values  # the token that changed most
+        weights = mask.unsqueeze(-1).float()
+        mean = torch.nn.functional.cosine_similarity((base * weights).sum(1), (other * weights).sum(1), dim=-1)
+        out[word] = {"token_cosine": changed.mean().item(), "mean_cosine": mean.mean().item()}
+    return out
+
+
 def read_samples(sample_dir: Path) -> tuple[list, list[str], float]:
     """The checker's readings of a vdm-sample output folder, their prompts, and seconds per video."""
     readings, prompts = shape_checker.check_samples(sample_dir)
@@ -248,6 +270,7 @@ def main(argv=None) -> int:
     probe = {tag: stages.timed("5 probe", time_order_probe, out / "models" / tag, clips, clip_captions) for tag in tags}
     for tag in tags:
         probe[tag].update(stages.timed("5 probe", text_sensitivity, out / "models" / tag))
+    encoder = stages.timed("5 probe", caption_similarity)
     ceiling = shape_checker.score([shape_checker.read_video(c) for c in clips], clip_captions)
     noise = np.random.default_rng(0).integers(0, 256, size=clips.shape, dtype=np.uint8)
     chance = shape_checker.score([shape_checker.read_video(c) for c in noise], clip_captions)
@@ -271,7 +294,7 @@ def main(argv=None) -> int:
                "machine": machine(), "precision": precision, "steps": steps, "clips": args.clips,
                "held_out": [caption(c) for c in HELD_OUT], "stage_seconds": stages.seconds,
                "total_seconds": time.perf_counter() - start, "probe": probe, "ceiling": ceiling, "chance": chance,
-               "guidance": guidance, "best_guidance": best, "samplers": samplers, "budget": budget,
+               "guidance": guidance, "best_guidance": best, "encoder": encoder, "samplers": samplers, "budget": budget,
                "config": str(args.config)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_report(results, out, report)

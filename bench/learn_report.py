@@ -85,6 +85,39 @@ def _row(name: str, s: dict) -> str:
         f" | {s['background_error']:.1f} | {s['jitter']:.2f} | {s['count']} |"
 
 
+def _findings(results: dict) -> list[str]:
+    """What the measurements say about why samples do or do not follow the caption's direction."""
+    probe = results["probe"]
+    tags = list(probe)
+    last = probe[tags[-1]]
+    enc = results.get("encoder")
+    lines = ["", "## What the measurements say", ""]
+    if enc:
+        lines += ["How far one changed word moves the caption's encoding (packaged MiniLM; cosine between",
+                  "each held-out caption and the same caption with one word swapped; 1 = no change):", "",
+                  "| word swapped | at its token | mean over tokens |", "|---|---|---|"]
+        lines += [f"| {w} | {v['token_cosine']:.2f} | {v['mean_cosine']:.2f} |" for w, v in enc.items()]
+        lines.append("")
+    change = last["x0_change"]
+    lines += [
+        f"- Text sensitivity at high noise (last checkpoint): swapping the colour word moves the model's "
+        f"x0 by {change['colour']:.3f}, the shape word by {change['shape']:.3f}, the direction word by "
+        f"{change['direction']:.3f}; the conditional mean moves the prompted way for "
+        f"{last['mean_x0_direction']:.2f} of held-out captions (chance 0.25).",
+        "- Time-order probe: " + ", ".join(f"{t} {p['true_order_wins']:.2f}" for t, p in probe.items())
+        + " (0.5 = blind to direction).",
+        "- Budget: held-out background error by checkpoint "
+        + ", ".join(f"{t} {results['budget'][t]['scores']['held_out']['background_error']:.1f}"
+                    for t in tags if t in results["budget"])
+        + f" (real clips {results['ceiling']['background_error']:.1f}); see the probe table for the scores.",
+    ]
+    samplers = results["samplers"]
+    lines.append("- Samplers on the same weights, held-out background error: "
+                 + ", ".join(f"{n} {e['scores']['held_out']['background_error']:.1f}" for n, e in samplers.items())
+                 + ".")
+    return lines
+
+
 def _targets(results: dict) -> list[str]:
     """The goals set for this benchmark against what the run measured, each with yes or no."""
     best = results["best_guidance"]
@@ -174,9 +207,27 @@ def write_report(results: dict, out: Path, report: Path) -> Path:
         s = entry["scores"]["held_out"]
         lines.append(f"| {name} | " + " | ".join(f"{s[p]:.2f}" for p in PROPS)
                      + f" | {s['background_error']:.1f} | {s['jitter']:.2f} | {entry['seconds_per_video']:.2f} |")
+    lines += _findings(results)
     lines += _targets(results)
     lines += ["", "## Loss curves", "", f"![train and validation loss]({rel}/loss.png)", "",
               f"## Sampled frames (guidance {best:g}, first seed of each prompt)", "",
               f"![sampled frames]({rel}/samples.png)", ""]
     report.write_text("\n".join(lines))
     return report
+
+
+def load_results(path: Path) -> dict:
+    """results.json as bench/learn.py held it in memory (JSON turned the guidance scales into strings)."""
+    results = json.loads(Path(path).read_text())
+    results["guidance"] = {float(g): v for g, v in results["guidance"].items()}
+    results["best_guidance"] = float(results["best_guidance"])
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python bench/learn_report.py OUT/results.json REPORT.md: the report again from a finished run.
+    results_path, report_path = Path(sys.argv[1]), Path(sys.argv[2]).resolve()
+    write_report(load_results(results_path), results_path.parent, report_path)
+    print(f"wrote {report_path}")
