@@ -182,6 +182,22 @@ def caption_similarity(encoder_name: str = "packaged:minilm") -> dict:
     return out
 
 
+def stream_check(shards: Path, batches: int = 12) -> dict:
+    """The checker on training clips as the trainer receives them (vdm.data.stream), against their captions:
+    shard -> stream keeps colour, shape and direction with their caption."""
+    from vdm.config import DataConfig
+    from vdm.data.stream import build_loader
+
+    loader = build_loader(DataConfig(shards=str(shards), num_workers=0, shuffle_buffer=16), batch_size=8, rank=0,
+                          world_size=1, seed=0)
+    readings, captions = [], []
+    for i, batch in zip(range(batches), loader):
+        video = ((batch.video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (b, c, f, h, w)
+        readings += [shape_checker.read_video(v.permute(1, 2, 3, 0).numpy()) for v in video]
+        captions += batch.captions
+    return shape_checker.score(readings, captions)
+
+
 def read_samples(sample_dir: Path) -> tuple[list, list[str], float]:
     """The checker's readings of a vdm-sample output folder, their prompts, and seconds per video."""
     readings, prompts = shape_checker.check_samples(sample_dir)
@@ -271,6 +287,7 @@ def main(argv=None) -> int:
     for tag in tags:
         probe[tag].update(stages.timed("5 probe", text_sensitivity, out / "models" / tag))
     encoder = stages.timed("5 probe", caption_similarity)
+    streamed = stages.timed("5 probe", stream_check, out / "shards")
     ceiling = shape_checker.score([shape_checker.read_video(c) for c in clips], clip_captions)
     noise = np.random.default_rng(0).integers(0, 256, size=clips.shape, dtype=np.uint8)
     chance = shape_checker.score([shape_checker.read_video(c) for c in noise], clip_captions)
@@ -294,7 +311,7 @@ def main(argv=None) -> int:
                "machine": machine(), "precision": precision, "steps": steps, "clips": args.clips,
                "held_out": [caption(c) for c in HELD_OUT], "stage_seconds": stages.seconds,
                "total_seconds": time.perf_counter() - start, "probe": probe, "ceiling": ceiling, "chance": chance,
-               "guidance": guidance, "best_guidance": best, "encoder": encoder, "samplers": samplers, "budget": budget,
+               "guidance": guidance, "best_guidance": best, "encoder": encoder, "streamed": streamed, "samplers": samplers, "budget": budget,
                "config": str(args.config)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_report(results, out, report)
