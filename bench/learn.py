@@ -311,8 +311,8 @@ def main(argv=None) -> int:
                "machine": machine(), "precision": precision, "steps": steps, "clips": args.clips,
                "held_out": [caption(c) for c in HELD_OUT], "stage_seconds": stages.seconds,
                "total_seconds": time.perf_counter() - start, "probe": probe, "ceiling": ceiling, "chance": chance,
-               "guidance": guidance, "best_guidance": best, "encoder": encoder, "streamed": streamed, "samplers": samplers, "budget": budget,
-               "config": str(args.config)}
+               "guidance": guidance, "best_guidance": best, "encoder": encoder, "streamed": streamed,
+               "samplers": samplers, "budget": budget, "config": str(args.config)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_report(results, out, report)
     held = guidance[best]["scores"]["held_out"]
