@@ -46,6 +46,12 @@ SEEN = [("red", "circle", "right"), ("blue", "square", "up"), ("yellow", "triang
 assert not set(SEEN) & set(HELD_OUT)
 
 
+# One word of a (colour, shape, direction) triple changed: what the text measurements compare against.
+SWAPS = {"colour": lambda c: ("green" if c[0] != "green" else "red",) + c[1:],
+         "shape": lambda c: (c[0], "square" if c[1] != "square" else "circle", c[2]),
+         "direction": lambda c: c[:2] + ({"left": "right", "right": "left", "up": "down", "down": "up"}[c[2]],)}
+
+
 def caption(combo) -> str:
     return "a {} {} moving {}".format(*combo)
 
@@ -138,10 +144,7 @@ def text_sensitivity(model_dir: Path, frac: float = 0.95, draws: int = 4) -> dic
     pipe = load_pipeline(model_dir)
     diffusion = pipe.diffusion
     captions = [caption(c) for c in HELD_OUT]
-    swaps = {"colour": [caption(("green" if c[0] != "green" else "red",) + c[1:]) for c in HELD_OUT],
-             "shape": [caption((c[0], "square" if c[1] != "square" else "circle", c[2])) for c in HELD_OUT],
-             "direction": [caption(c[:2] + ({"left": "right", "right": "left", "up": "down", "down": "up"}[c[2]],))
-                           for c in HELD_OUT]}
+    swaps = {word: [caption(swap(c)) for c in HELD_OUT] for word, swap in SWAPS.items()}
     generator = torch.Generator().manual_seed(0)
     t = torch.full((len(captions),), int(frac * diffusion.num_timesteps))
     noises = [torch.randn(len(captions), *diffusion.video_shape, generator=generator) for _ in range(draws)]
@@ -167,12 +170,9 @@ def caption_similarity(encoder_name: str = "packaged:minilm") -> dict:
     from vdm.text import TextEncoder
 
     encoder = TextEncoder(encoder_name)
-    swap = {"colour": lambda c: ("green" if c[0] != "green" else "red",) + c[1:],
-            "shape": lambda c: (c[0], "square" if c[1] != "square" else "circle", c[2]),
-            "direction": lambda c: c[:2] + ({"left": "right", "right": "left", "up": "down", "down": "up"}[c[2]],)}
     base, mask = encoder.encode_padded([caption(c) for c in HELD_OUT])
     out = {}
-    for word, fn in swap.items():
+    for word, fn in SWAPS.items():
         other, _ = encoder.encode_padded([caption(fn(c)) for c in HELD_OUT])
         token = torch.nn.functional.cosine_similarity(base, other, dim=-1)  # (n, L)
         changed = token.masked_fill(~mask, 2).min(dim=1).values  # the token that changed most
