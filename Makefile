@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (install, then the whole pipeline on generated data)
 # and `make test` (install, then the test suite). Everything goes into a virtualenv in .venv/.
+# Also: `make learn` (does a trained model follow its text?) and `make bench` (speed benches).
 PYTHON ?= python3
 VENV ?= .venv
 # CPU machines: the CPU build of torch, installed first so no CUDA build is pulled in. GPU machines:
@@ -31,6 +32,14 @@ learn: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The speed benches in their quick forms, each a few minutes at most on 2 CPU cores; the full
+# runs, ab.py and what the figures mean are in bench/README.md.
+bench: install
+	$(BIN)/python bench/unet.py
+	$(BIN)/python bench/sampling.py --configs demo
+	$(BIN)/python bench/loader.py --configs demo
+	$(BIN)/python bench/shard.py
 
 clean:
 	rm -rf demo_out learn_out runs .pytest_cache
