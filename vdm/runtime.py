@@ -13,7 +13,7 @@ def keep_freed_memory() -> bool:
 
     A training or sampling step allocates and frees the same large activations every time. By
     default glibc serves each block over 32 MB with a fresh mmap and unmaps it on free, so every
-    step page-faults its large tensors in again: on the 2-core build machine filling a fresh 50 MB
+    step page-faults its large tensors in again: on a 2-core Intel CPU filling a fresh 50 MB
     tensor took 17.6 ms and refilling a reused one 1.2 ms, and a bf16 Unet3D step ran 1.3-1.8x
     faster with this setting on a quiet machine (bench/unet.py prints the ratio). The process then keeps its peak
     memory (one step's) until it exits. Returns False, changing nothing, where libc is not glibc.
