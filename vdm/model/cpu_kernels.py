@@ -199,9 +199,9 @@ def linear_attention_softmax(qkv: torch.Tensor, heads: int):
 
 
 # The weight gradient of a projection reduces over its input's rows (positions). From this many
-# rows on, `linear` computes it from a transposed copy of the narrower operand: in bf16 on the
-# 2-core build machine 1.07-1.49x faster from 32,768 rows (the 32x32 and 64x64 levels), 0.8-0.9x at
-# 8,192 (bench/README.md, sixth stop).
+# rows on, `linear` computes it from a transposed copy of the narrower operand: in bf16 on a
+# 2-core Intel CPU with AMX 1.07-1.49x faster from 32,768 rows (the 32x32 and 64x64 levels), 0.8-0.9x at
+# 8,192 (bench/README.md, measurements behind the model's CPU paths).
 LINEAR_TRANSPOSED_MIN_ROWS = 32768
 
 
@@ -250,7 +250,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 # A 3x3 convolution over at most this many positions per image takes `conv3x3`. oneDNN's weight
 # gradient ran at 0.64-0.76 TFLOP/s on the 8x8 level (bf16, 2 cores); as one matmul over
 # positions it took the level's conv backwards 1.41-1.48x faster, but 0.68-0.76x at 16x16
-# (bench/README.md, sixth stop).
+# (bench/README.md, measurements behind the model's CPU paths).
 CONV3X3_MAX_POSITIONS = 64
 
 

@@ -163,7 +163,7 @@ class _ConvTransposeSummedBiasGrad(torch.autograd.Function):
     PyTorch's CPU backward of a transposed conv with a bias spends most of its time on the bias
     gradient: in bf16 channels-last, the 64-256 channel Upsamples' backwards took 17-25 ms, of
     which their input and weight gradients 5-11 ms; this sum takes 0.1-1.7 ms (bench/README.md,
-    fifth stop)."""
+    measurements behind the model's CPU paths)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
