@@ -42,21 +42,6 @@ class SinusoidalPosEmb(nn.Module):
         return sinusoidal_embedding(time, self.dim)
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of a `(n, c, h, w)` tensor, gain only (as in the reference)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In channels-last memory 'n c h w -> n h w c' is a view, so this is one pass, no copies.
-        x = rearrange(x, "n c h w -> n h w c")
-        x = F.layer_norm(x, x.shape[-1:], self.gamma.to(x.dtype), None, self.eps)
-        return rearrange(x, "n h w c -> n c h w")
-
-
 def _cpu_autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype CPU autocast would run a conv or matmul of x in (x's own when autocast is off):
     the layers below that replace PyTorch's backward cast to it and run with autocast off."""
